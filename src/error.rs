@@ -1,0 +1,153 @@
+//! The one error type of the service, and the single place where it becomes a `tonic::Status`.
+//!
+//! Storage maps database and cache failures into it (`storage::db_error`), rules return
+//! `InvalidArgument` with the offending fields, and handlers only ever `?` it.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::domain::validation::Violation;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input. Always carries at least one violation naming the field.
+    #[error("invalid argument: {}", describe(.0))]
+    InvalidArgument(Vec<Violation>),
+    /// The thing does not exist for this merchant (another merchant's data is also "not found").
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A client key was reused with different content.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is valid but the system is not in a state to accept it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A rate limit or a capacity bound was hit; `retry_after` hints when to try again.
+    #[error("{message}")]
+    ResourceExhausted {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// A dependency that we cannot work without (Postgres) is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else. The source is logged, never shown to the client.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// A single-field validation error.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidArgument(vec![Violation::new(field, description)])
+    }
+
+    pub fn internal(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Internal(source.into())
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+fn describe(violations: &[Violation]) -> String {
+    match violations {
+        [] => "request".to_string(),
+        [only] => format!("{}: {}", only.field, only.description),
+        [first, rest @ ..] => format!(
+            "{}: {} (and {} more)",
+            first.field,
+            first.description,
+            rest.len()
+        ),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        match error {
+            Error::InvalidArgument(violations) => {
+                let message = format!("invalid {}", describe(&violations));
+                let details = ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| FieldViolation::new(v.field, v.description))
+                        .collect::<Vec<_>>(),
+                );
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::ResourceExhausted {
+                message,
+                retry_after,
+            } => match retry_after {
+                Some(delay) => Status::with_error_details(
+                    Code::ResourceExhausted,
+                    message,
+                    ErrorDetails::with_retry_info(Some(delay)),
+                ),
+                None => Status::resource_exhausted(message),
+            },
+            Error::Internal(source) => {
+                tracing::error!(error = %source, "internal error");
+                Status::internal("internal error")
+            }
+            other => Status::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field_in_message_and_details() {
+        let status: Status = Error::InvalidArgument(vec![
+            Violation::new("lines[3].amount_minor", "must not be negative"),
+            Violation::new("currency", "unknown ISO 4217 code"),
+        ])
+        .into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("lines[3].amount_minor"),
+            "{}",
+            status.message()
+        );
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("bad request details");
+        let fields: Vec<_> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["lines[3].amount_minor", "currency"]);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_source() {
+        let status: Status =
+            Error::internal("duplicate key value violates unique constraint \"x\"").into();
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+}
