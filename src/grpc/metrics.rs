@@ -1,0 +1,192 @@
+//! Counts every request and times it, by method and final gRPC status code. The code comes
+//! from the response headers (trailers-only errors) or from the trailers at the end of the body.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use prost::Message;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use crate::telemetry::Metrics;
+
+/// Every method path this server knows (ours from the descriptor set, plus health and
+/// reflection). Others are counted as "unknown", so probes cannot blow up label cardinality.
+pub fn known_methods() -> HashSet<String> {
+    let mut methods: HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET) {
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let service_name = service.name.unwrap_or_default();
+                for method in service.method {
+                    methods.insert(format!(
+                        "/{package}.{service_name}/{}",
+                        method.name.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    methods
+}
+
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+    known: Arc<HashSet<String>>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Metrics) -> MetricsLayer {
+        MetricsLayer {
+            metrics,
+            known: Arc::new(known_methods()),
+        }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+            known: self.known.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Metrics,
+    known: Arc<HashSet<String>>,
+}
+
+/// Records one request when its status becomes known (or it is abandoned).
+struct Recorder {
+    metrics: Metrics,
+    method: String,
+    started: Instant,
+}
+
+impl Recorder {
+    fn finish(self, code: Code) {
+        self.metrics
+            .rpc(&self.method, code, self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn status_code(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(value.parse().ok()?))
+}
+
+impl<S> Service<http::Request<Body>> for MetricsService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        let method = if self.known.contains(path) {
+            path.to_string()
+        } else {
+            "unknown".to_string()
+        };
+        let recorder = Recorder {
+            metrics: self.metrics.clone(),
+            method,
+            started: Instant::now(),
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            if let Some(code) = status_code(response.headers()) {
+                recorder.finish(code);
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                Body::new(RecordingBody {
+                    inner: body,
+                    recorder: Some(recorder),
+                })
+            }))
+        })
+    }
+}
+
+pin_project! {
+    struct RecordingBody {
+        #[pin]
+        inner: Body,
+        recorder: Option<Recorder>,
+    }
+
+    impl PinnedDrop for RecordingBody {
+        fn drop(this: Pin<&mut Self>) {
+            // The client went away before the trailers.
+            if let Some(recorder) = this.project().recorder.take() {
+                recorder.finish(Code::Cancelled);
+            }
+        }
+    }
+}
+
+impl HttpBody for RecordingBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        let code = match &frame {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|t| status_code(t).unwrap_or(Code::Unknown)),
+            Some(Err(status)) => Some(status.code()),
+            None => Some(Code::Unknown),
+        };
+        if let (Some(code), Some(recorder)) = (code, this.recorder.take()) {
+            recorder.finish(code);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
