@@ -10,11 +10,12 @@
 //!   is then remembered as *suspect*: reads skip the cache for it until the repair job
 //!   (`service::CacheRepair`) has put the committed state back.
 //! * After an error the cache is skipped for a short cool-down (a circuit breaker), so a dead or
-//!   slow Redis costs one timeout, not one per RPC. The connection manager reconnects by itself.
+//!   slow Redis costs one timeout, not one per RPC, and the connection is rebuilt: redis-rs's
+//!   manager reconnects after most failures but can stay stuck on a broken pipe.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -81,7 +82,12 @@ pub struct Cache {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    /// Replaced by a fresh lazy manager after a failure.
+    conn: RwLock<ConnectionManager>,
+    /// Whether the last operation failed (to log the transitions only).
+    down: AtomicBool,
     script: redis::Script,
     config: CacheConfig,
     metrics: Metrics,
@@ -118,11 +124,14 @@ impl Cache {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| Error::internal(format!("redis connection manager: {e}")))?;
         Ok(Cache {
             inner: Some(Arc::new(Inner {
-                conn,
+                client,
+                manager_config,
+                conn: RwLock::new(conn),
+                down: AtomicBool::new(false),
                 script: redis::Script::new(STORE_IF_NEWER),
                 config,
                 metrics,
@@ -146,7 +155,7 @@ impl Cache {
             return CacheRead::Skipped;
         }
         let key = inner.key(merchant, external_id);
-        let mut conn = inner.conn.clone();
+        let mut conn = inner.connection();
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(&key).arg(&["v", "a", "p", "le", "lr", "pc"]);
         let reply = tokio::time::timeout(
@@ -155,7 +164,7 @@ impl Cache {
         )
         .await;
         match reply {
-            Ok(Ok(fields)) => match fields[..] {
+            Ok(Ok(fields)) => match inner.succeeded(fields)[..] {
                 [
                     Some(version),
                     Some(available),
@@ -205,7 +214,7 @@ impl Cache {
             return CacheWrite::Failed;
         }
         let key = inner.key(merchant, external_id);
-        let mut conn = inner.conn.clone();
+        let mut conn = inner.connection();
         let mut invocation = inner.script.key(&key);
         invocation
             .arg(state.version)
@@ -221,7 +230,7 @@ impl Cache {
         )
         .await;
         match reply {
-            Ok(Ok(1)) => {
+            Ok(Ok(stored)) if inner.succeeded(stored) == 1 => {
                 inner.metrics.cache_op("put", "stored");
                 CacheWrite::Stored
             }
@@ -302,7 +311,7 @@ impl Cache {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
-        let mut conn = inner.conn.clone();
+        let mut conn = inner.connection();
         redis::cmd("DEL")
             .arg(inner.key(merchant, external_id))
             .query_async::<()>(&mut conn)
@@ -344,16 +353,37 @@ impl Inner {
             })
     }
 
+    fn connection(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn succeeded<T>(&self, value: T) -> T {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis reachable again; cache in use");
+        }
+        value
+    }
+
     fn failed(&self, op: &'static str, error: &str) {
         self.metrics.cache_op(op, "error");
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(op, error, "redis unavailable; serving from postgres");
+        }
         let mut until = self
             .cool_down_until
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if until.is_none_or(|t| Instant::now() >= t) {
-            tracing::warn!(op, error, "redis unavailable; serving from postgres");
-        }
+        let first_in_cool_down = until.is_none_or(|t| Instant::now() >= t);
         *until = Some(Instant::now() + self.config.cool_down);
+        drop(until);
+        if first_in_cool_down
+            && let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+                self.client.clone(),
+                self.manager_config.clone(),
+            )
+        {
+            *self.conn.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
     }
 }
 
