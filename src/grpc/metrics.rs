@@ -176,7 +176,9 @@ impl HttpBody for RecordingBody {
             Some(Err(status)) => Some(status.code()),
             None => Some(Code::Unknown),
         };
-        if let (Some(code), Some(recorder)) = (code, this.recorder.take()) {
+        if let Some(code) = code
+            && let Some(recorder) = this.recorder.take()
+        {
             recorder.finish(code);
         }
         Poll::Ready(frame)
