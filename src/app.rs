@@ -129,32 +129,20 @@ impl Application {
         let mut background = Vec::new();
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let probe_store = loyalty.store().clone();
-        let probe_metrics = metrics.clone();
-        let max_connections = config.database.max_connections;
+        let probe = HealthProbe {
+            store: loyalty.store().clone(),
+            reporter: health_reporter,
+            metrics: metrics.clone(),
+            max_connections: config.database.max_connections,
+        };
+        // Every service has a status before the first request can arrive.
+        probe.run().await;
         background.push(jobs::health_probe(
             config.health_interval,
             stop_rx.clone(),
             move || {
-                let store = probe_store.clone();
-                let reporter = health_reporter.clone();
-                let metrics = probe_metrics.clone();
-                async move {
-                    let healthy = matches!(
-                        tokio::time::timeout(Duration::from_secs(1), store.ping()).await,
-                        Ok(Ok(()))
-                    );
-                    let status = if healthy {
-                        ServingStatus::Serving
-                    } else {
-                        ServingStatus::NotServing
-                    };
-                    for service in std::iter::once("").chain(HEALTH_SERVICES.iter().copied()) {
-                        reporter.set_service_status(service, status).await;
-                    }
-                    let (open, idle) = store.pool_usage();
-                    metrics.db_pool(open, idle, max_connections);
-                }
+                let probe = probe.clone();
+                async move { probe.run().await }
             },
         ));
         background.push(jobs::cache_repair(loyalty.clone(), stop_rx.clone()));
@@ -231,6 +219,35 @@ impl Application {
         loyalty.store().close().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Probes Postgres and publishes the result to the health service and the pool metrics.
+/// Redis is not part of health: the service works without it.
+#[derive(Clone)]
+struct HealthProbe {
+    store: Store,
+    reporter: tonic_health::server::HealthReporter,
+    metrics: Metrics,
+    max_connections: u32,
+}
+
+impl HealthProbe {
+    async fn run(&self) {
+        let healthy = matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.store.ping()).await,
+            Ok(Ok(()))
+        );
+        let status = if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in std::iter::once("").chain(HEALTH_SERVICES.iter().copied()) {
+            self.reporter.set_service_status(service, status).await;
+        }
+        let (open, idle) = self.store.pool_usage();
+        self.metrics.db_pool(open, idle, self.max_connections);
     }
 }
 
