@@ -55,6 +55,36 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
+/// The `host:port` a URL points at.
+pub fn socket_addr_of(url: &str) -> SocketAddr {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split(['/', '?'])
+        .next()
+        .unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()
+        .expect("host:port")
+        .next()
+        .expect("an address")
+}
+
+/// `url` pointing at `addr` instead of its own host and port.
+pub fn with_host(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{tail}")
+}
+
 /// A database of our own, cloned from a migrated template.
 pub struct TestDb {
     pub name: String,
@@ -253,6 +283,8 @@ pub struct Options {
     pub key_cache_ttl: Duration,
     pub health_interval: Duration,
     pub db_max_connections: u32,
+    /// Reach Postgres through this address (a [`proxy::Proxy`]) instead of directly.
+    pub database_via: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -268,8 +300,20 @@ impl Default for Options {
             key_cache_ttl: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             db_max_connections: 16,
+            database_via: None,
         }
     }
+}
+
+/// Logs go through the test harness's capture (shown only for failing tests). `RUST_LOG`
+/// overrides the default level.
+pub fn init_test_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,h2=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// A running server on its own database.
@@ -298,16 +342,22 @@ impl TestApp {
 
     /// A server on an existing database (the reliability suite brings its own Postgres).
     pub async fn spawn_on(db: TestDb, options: Options) -> TestApp {
-        loyalty::telemetry::init_tracing(loyalty::telemetry::LogFormat::Text);
+        init_test_tracing();
         let key_prefix = format!("test:{}", db.name);
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             database: DatabaseConfig {
-                url: options
-                    .database_url
-                    .clone()
-                    .unwrap_or_else(|| db.url.clone()),
+                url: {
+                    let url = options
+                        .database_url
+                        .clone()
+                        .unwrap_or_else(|| db.url.clone());
+                    match options.database_via {
+                        Some(addr) => with_host(&url, addr),
+                        None => url,
+                    }
+                },
                 max_connections: options.db_max_connections,
                 acquire_timeout: Duration::from_secs(2),
                 statement_timeout: Duration::from_secs(5),
