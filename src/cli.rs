@@ -90,3 +90,35 @@ pub async fn key(command: KeyCommand) -> Result<(), Error> {
         }
     }
 }
+
+/// Exit status 0 when the server at `endpoint` reports SERVING for `service`.
+pub async fn health(endpoint: &str, service: &str) -> Result<(), Error> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| Error::invalid("endpoint", e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot reach {endpoint}: {e}")))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|status| Error::Unavailable(format!("health check failed: {}", status.message())))?
+        .into_inner();
+    match ServingStatus::try_from(reply.status) {
+        Ok(ServingStatus::Serving) => {
+            println!("SERVING");
+            Ok(())
+        }
+        Ok(status) => Err(Error::Unavailable(status.as_str_name().to_string())),
+        Err(_) => Err(Error::Unavailable(format!(
+            "unknown status {}",
+            reply.status
+        ))),
+    }
+}

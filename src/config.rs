@@ -49,6 +49,19 @@ pub enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Ask a running server for its health (exit 0 when SERVING); for container health checks.
+    Health {
+        /// The server's gRPC endpoint.
+        #[arg(
+            long,
+            env = "LOYALTY_HEALTH_ENDPOINT",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        endpoint: String,
+        /// The service to ask about; empty means the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -25,6 +25,7 @@ async fn main() -> ExitCode {
         Command::Migrate(database) => cli::migrate(&database).await,
         Command::Merchant { command } => cli::merchant(command).await,
         Command::Key { command } => cli::key(command).await,
+        Command::Health { endpoint, service } => cli::health(&endpoint, &service).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

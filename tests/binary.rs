@@ -231,6 +231,17 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
     );
     bad.get_balance(request).await.unwrap_err();
 
+    let health = Command::new(BIN)
+        .args(["health", "--endpoint", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+
     let killed = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
         .status()
@@ -248,6 +259,14 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
+    let health = Command::new(BIN)
+        .args(["health", "--endpoint", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(
+        !health.status.success(),
+        "a stopped server must not report healthy"
+    );
     let output = server.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&output.stderr);
     assert!(logs.contains("serving gRPC"), "{logs}");
