@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile with the Rust toolchain, run on a slim Debian as a non-root user.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked --bin loyalty || true
+COPY migrations ./migrations
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin loyalty
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin loyalty
+COPY --from=build /src/target/release/loyalty /usr/local/bin/loyalty
+USER 10001:10001
+ENV LOYALTY_LISTEN=0.0.0.0:50051 \
+    LOYALTY_METRICS_LISTEN=0.0.0.0:9464 \
+    LOYALTY_LOG_FORMAT=json
+EXPOSE 50051 9464
+# gRPC health check against the server itself (grpc.health.v1, overall status).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["/usr/local/bin/loyalty", "health", "--endpoint", "http://127.0.0.1:50051"]
+ENTRYPOINT ["/usr/local/bin/loyalty"]
+CMD ["serve"]
