@@ -1,6 +1,7 @@
 //! The gRPC surface: thin handlers (proto ⇄ domain, caller from the auth layer) and the tower
 //! layers every request passes through, outermost first:
-//! metrics → deadline → overload shedding → authentication, scope and rate limit → handler.
+//! metrics → message size status → deadline → overload shedding → authentication, scope and
+//! rate limit → handler.
 
 pub mod auth;
 mod checkout;
