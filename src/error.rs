@@ -12,6 +12,9 @@ use crate::domain::validation::Violation;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// At most this many field violations are sent back (the message still counts them all).
+pub const MAX_REPORTED_VIOLATIONS: usize = 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad input. Always carries at least one violation naming the field.
@@ -87,9 +90,12 @@ impl From<Error> for Status {
         match error {
             Error::InvalidArgument(violations) => {
                 let message = format!("invalid {}", describe(&violations));
+                // Details travel in a response header; a 500-line receipt with every line
+                // wrong must not produce a header larger than HTTP/2 allows.
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .into_iter()
+                        .take(MAX_REPORTED_VIOLATIONS)
                         .map(|v| FieldViolation::new(v.field, v.description))
                         .collect::<Vec<_>>(),
                 );
@@ -141,6 +147,22 @@ mod tests {
             .map(|v| v.field.as_str())
             .collect();
         assert_eq!(fields, ["lines[3].amount_minor", "currency"]);
+    }
+
+    #[test]
+    fn the_details_of_many_violations_stay_small() {
+        let violations = (0..500)
+            .map(|i| Violation::new(format!("lines[{i}].sku"), "must not be empty"))
+            .collect();
+        let status: Status = Error::InvalidArgument(violations).into();
+        assert!(
+            status.message().contains("(and 499 more)"),
+            "{}",
+            status.message()
+        );
+        let details = status.get_details_bad_request().expect("details");
+        assert_eq!(details.field_violations.len(), MAX_REPORTED_VIOLATIONS);
+        assert!(status.details().len() < 4096);
     }
 
     #[test]
