@@ -19,6 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
+static REQUESTS: AtomicUsize = AtomicUsize::new(0);
+static REFUSED: AtomicUsize = AtomicUsize::new(0);
 
 fn count_panics() {
     let default = std::panic::take_hook();
@@ -242,9 +244,11 @@ fn check<S, F, Fut>(
     let result = runner.run(&strategy, |input| {
         rt.block_on(async {
             let before = app.row_counts().await;
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             match call(input.clone()).await {
                 Ok(()) => {}
                 Err(status) => {
+                    REFUSED.fetch_add(1, Ordering::Relaxed);
                     prop_assert!(
                         allowed.contains(&status.code()),
                         "{name}: unexpected {:?}: {}",
@@ -439,6 +443,16 @@ fn malformed_and_extreme_requests_get_clear_errors_and_write_nothing() {
     });
 
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a handler panicked");
+    common::report(
+        "6-bad-input",
+        serde_json::json!({
+            "generated_requests": REQUESTS.load(Ordering::Relaxed) + 2,
+            "refused": REFUSED.load(Ordering::Relaxed) + 2,
+            "writes_by_refused_requests": 0,
+            "panics": 0,
+            "violations": 0,
+        }),
+    );
     rt.block_on(app.stop());
 }
 
@@ -544,6 +558,17 @@ async fn garbage_on_the_wire_does_not_bring_the_server_down() {
         "only the two valid purchases were written"
     );
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a handler panicked");
+    common::report(
+        "6-garbage-on-the-wire",
+        serde_json::json!({
+            "raw_tcp_connections": 5,
+            "undecodable_grpc_calls": 4,
+            "unknown_field_calls": 1,
+            "server_down": false,
+            "panics": 0,
+            "violations": 0,
+        }),
+    );
     app.stop().await;
 }
 

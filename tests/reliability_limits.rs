@@ -74,6 +74,10 @@ async fn oversized_messages_are_refused_and_the_server_carries_on() {
         ],
     );
     assert_eq!(refused, 1.0);
+    common::report(
+        "8-message-size",
+        serde_json::json!({ "requests": 3, "refused_oversized": 1, "writes": 1, "violations": 0 }),
+    );
     app.stop().await;
 }
 
@@ -133,6 +137,16 @@ async fn each_key_has_its_own_rate_limit() {
     assert_eq!(
         member.get_balance(request()).await.unwrap_err().code(),
         Code::NotFound
+    );
+    common::report(
+        "8-rate-limit",
+        serde_json::json!({
+            "requests": 62,
+            "limited": limited.len(),
+            "served": served,
+            "limit_rps": 20,
+            "violations": 0,
+        }),
     );
     app.stop().await;
 }
@@ -231,6 +245,15 @@ async fn deadlines_are_honoured_and_a_retry_applies_once() {
             .unwrap();
     assert_eq!(entries, 2);
     app.assert_ledger_invariant().await;
+    common::report(
+        "8-deadlines",
+        serde_json::json!({
+            "requests": 7,
+            "deadline_exceeded": 2,
+            "retries_applied_once": 2,
+            "violations": 0,
+        }),
+    );
     app.stop().await;
 }
 
@@ -287,5 +310,21 @@ async fn overload_is_shed_quickly_instead_of_queueing() {
         "{shed:?}"
     );
     app.assert_ledger_invariant().await;
+    let slowest_shed = shed
+        .iter()
+        .map(|(_, took)| took.as_millis())
+        .max()
+        .unwrap_or(0);
+    common::report(
+        "8-overload",
+        serde_json::json!({
+            "requests": 20,
+            "max_in_flight": 2,
+            "served": ok,
+            "shed": shed.len(),
+            "slowest_shed_ms": slowest_shed,
+            "violations": 0,
+        }),
+    );
     app.stop().await;
 }

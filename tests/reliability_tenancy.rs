@@ -265,6 +265,9 @@ async fn every_rpc_probed_across_merchants_finds_nothing_and_changes_nothing() {
         .into_inner();
     assert_eq!(a_balance.balance.unwrap().version, a_version);
     app.assert_ledger_invariant().await;
-    println!("RELIABILITY tenancy probes={probes} violations=0");
+    common::report(
+        "7-cross-merchant",
+        serde_json::json!({ "probes": probes, "rows_changed": 0, "violations": 0 }),
+    );
     app.stop().await;
 }

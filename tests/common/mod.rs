@@ -621,3 +621,24 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
 }
+
+/// Records the figures of a reliability scenario: `target/reliability/<scenario>.json` (quoted
+/// by RELIABILITY.md) and one summary line on stdout.
+pub fn report(scenario: &str, figures: serde_json::Value) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("reliability");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut figures = figures;
+    if let Some(map) = figures.as_object_mut() {
+        map.insert("scenario".into(), scenario.into());
+        map.insert(
+            "finished_at".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                .into(),
+        );
+    }
+    let _ = std::fs::write(dir.join(format!("{scenario}.json")), format!("{figures}\n"));
+    println!("RELIABILITY {figures}");
+}
