@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod rig;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,6 +284,8 @@ pub struct Options {
     pub key_cache_ttl: Duration,
     pub health_interval: Duration,
     pub db_max_connections: u32,
+    /// How long a request waits for a pooled connection (e.g. while Postgres is down).
+    pub db_acquire_timeout: Duration,
     /// Reach Postgres through this address (a [`proxy::Proxy`]) instead of directly.
     pub database_via: Option<SocketAddr>,
 }
@@ -300,6 +303,7 @@ impl Default for Options {
             key_cache_ttl: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             db_max_connections: 16,
+            db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
         }
     }
@@ -359,7 +363,7 @@ impl TestApp {
                     }
                 },
                 max_connections: options.db_max_connections,
-                acquire_timeout: Duration::from_secs(2),
+                acquire_timeout: options.db_acquire_timeout,
                 statement_timeout: Duration::from_secs(5),
             },
             cache: CacheConfig {
