@@ -1,0 +1,273 @@
+//! Command line of `loyalty-bench`. Every flag has a `LOYALTY_BENCH_*` environment fallback;
+//! the bench deliberately does not read the server's own `DATABASE_URL`, so it can never
+//! preload a million customers into a real database by accident.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loyalty-bench",
+    version,
+    about = "Load generator for the loyalty gRPC server, with a pgbench database ceiling"
+)]
+pub struct Args {
+    /// The bench database (created if missing, migrated, reused across runs).
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/loyalty_bench"
+    )]
+    pub database_url: String,
+
+    /// Redis for the cached server; keys get a prefix unique to this run and are removed at
+    /// the end.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Customers of the bench merchant; a list (`10000,1000000`) runs every scenario per scale
+    /// and compares the scales.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_CUSTOMERS",
+        value_delimiter = ',',
+        default_value = "10000",
+        value_parser = clap::value_parser!(u64).range(1..=100_000_000)
+    )]
+    pub customers: Vec<u64>,
+
+    /// Closed-loop workers; also the server's pool size and pgbench's client count.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_CONCURRENCY",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    pub concurrency: u32,
+
+    /// Measured seconds per scenario and mode.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub seconds: u64,
+
+    /// Unmeasured seconds before each measurement and mode (connections, pools, caches settle;
+    /// the server is never measured cold).
+    #[arg(long, env = "LOYALTY_BENCH_WARMUP_SECONDS", default_value_t = 2)]
+    pub warmup_seconds: u64,
+
+    /// Scenarios to run (always in the order health, balance, balance_cold, pgbench, checkout,
+    /// mixed, so that pgbench and checkout meet the same database).
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_SCENARIOS",
+        value_delimiter = ',',
+        default_value = "health,balance,balance_cold,checkout,mixed,pgbench"
+    )]
+    pub scenarios: Vec<Scenario>,
+
+    /// Requests per second of the open-loop run of each scenario: `auto` (70 % of that
+    /// scenario's closed-loop rate), `off`, or a number.
+    #[arg(long, env = "LOYALTY_BENCH_OPEN_RATE", default_value = "auto")]
+    pub open_rate: OpenRate,
+
+    /// Open loop: most requests in flight at once; a request due while this many are still
+    /// running is not sent and counts as an error (CLIENT_OVERLOAD).
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_OPEN_MAX_IN_FLIGHT",
+        default_value_t = 2048,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub open_max_in_flight: u32,
+
+    /// One JSON object per line and scenario on stdout (the table then goes to stderr).
+    #[arg(long, env = "LOYALTY_BENCH_JSON")]
+    pub json: bool,
+
+    /// The `loyalty` server binary; default: the one next to this executable.
+    #[arg(long, env = "LOYALTY_BENCH_SERVER_BIN")]
+    pub server_bin: Option<PathBuf>,
+
+    /// pgbench; default: `pgbench` on PATH, else /usr/lib/postgresql/*/bin/pgbench.
+    #[arg(long, env = "LOYALTY_BENCH_PGBENCH")]
+    pub pgbench: Option<PathBuf>,
+
+    /// Seed of the request generators (customer choice, baskets, the mixed scenario's ops).
+    #[arg(long, env = "LOYALTY_BENCH_SEED", default_value_t = 42)]
+    pub seed: u64,
+
+    /// Print the pgbench script of the database ceiling (generated from the service's SQL)
+    /// and exit.
+    #[arg(long)]
+    pub print_pgbench_script: bool,
+
+    /// Customers inserted per preload statement.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_PRELOAD_BATCH",
+        default_value_t = 50_000,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    pub preload_batch: u64,
+}
+
+impl Args {
+    /// The scenarios asked for, deduplicated, in run order.
+    pub fn scenarios_in_order(&self) -> Vec<Scenario> {
+        Scenario::RUN_ORDER
+            .into_iter()
+            .filter(|s| self.scenarios.contains(s))
+            .collect()
+    }
+
+    /// The scales asked for, deduplicated, smallest first.
+    pub fn scales(&self) -> Vec<u64> {
+        let mut scales = self.customers.clone();
+        scales.sort_unstable();
+        scales.dedup();
+        scales
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Scenario {
+    /// grpc.health.v1 Check: the gRPC ceiling of this server.
+    Health,
+    /// GetBalance with every customer in the cache.
+    Balance,
+    /// GetBalance on a server without a cache (Postgres on every read).
+    #[value(name = "balance_cold")]
+    BalanceCold,
+    /// RecordPurchase: fresh purchase ids, random customers.
+    Checkout,
+    /// 80 % GetBalance, 20 % RecordPurchase.
+    Mixed,
+    /// pgbench running the statements of one RecordPurchase: the database ceiling.
+    Pgbench,
+}
+
+impl Scenario {
+    /// pgbench right before checkout: the two meet the same database (size, bloat, WAL).
+    pub const RUN_ORDER: [Scenario; 6] = [
+        Scenario::Health,
+        Scenario::Balance,
+        Scenario::BalanceCold,
+        Scenario::Pgbench,
+        Scenario::Checkout,
+        Scenario::Mixed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Health => "health",
+            Scenario::Balance => "balance",
+            Scenario::BalanceCold => "balance_cold",
+            Scenario::Checkout => "checkout",
+            Scenario::Mixed => "mixed",
+            Scenario::Pgbench => "pgbench",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OpenRate {
+    /// A share of the scenario's own closed-loop rate.
+    Auto,
+    Off,
+    Fixed(f64),
+}
+
+impl OpenRate {
+    /// Below capacity, so the open loop shows latency under a realistic load rather than
+    /// an ever-growing queue.
+    pub const AUTO_SHARE: f64 = 0.7;
+
+    /// The open-loop rate for a scenario whose closed loop reached `closed_rps`.
+    pub fn rate_for(self, closed_rps: f64) -> Option<f64> {
+        match self {
+            OpenRate::Off => None,
+            OpenRate::Fixed(rate) => Some(rate),
+            OpenRate::Auto => Some(closed_rps * Self::AUTO_SHARE).filter(|r| *r >= 1.0),
+        }
+    }
+}
+
+impl FromStr for OpenRate {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim() {
+            "auto" => Ok(OpenRate::Auto),
+            "off" | "0" => Ok(OpenRate::Off),
+            number => match number.parse::<f64>() {
+                Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(OpenRate::Fixed(rate)),
+                _ => Err(format!(
+                    "{value:?}: expected `auto`, `off` or a positive number of requests per second"
+                )),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let args = Args::try_parse_from(["loyalty-bench"]).unwrap();
+        assert_eq!(args.concurrency, 32);
+        assert_eq!(
+            args.scenarios_in_order(),
+            Scenario::RUN_ORDER.to_vec(),
+            "every scenario runs by default"
+        );
+    }
+
+    #[test]
+    fn lists_and_rates_parse() {
+        let args = Args::try_parse_from([
+            "loyalty-bench",
+            "--customers",
+            "1000000,10000,10000",
+            "--scenarios",
+            "checkout,balance_cold",
+            "--open-rate",
+            "1500",
+        ])
+        .unwrap();
+        assert_eq!(args.scales(), vec![10_000, 1_000_000]);
+        assert_eq!(
+            args.scenarios_in_order(),
+            vec![Scenario::BalanceCold, Scenario::Checkout]
+        );
+        assert_eq!(args.open_rate, OpenRate::Fixed(1500.0));
+        assert!(Args::try_parse_from(["loyalty-bench", "--open-rate", "-3"]).is_err());
+        assert!(Args::try_parse_from(["loyalty-bench", "--customers", "0"]).is_err());
+    }
+
+    #[test]
+    fn open_rate_follows_the_closed_loop() {
+        assert_eq!(OpenRate::Auto.rate_for(1000.0), Some(700.0));
+        assert_eq!(OpenRate::Auto.rate_for(0.5), None);
+        assert_eq!(OpenRate::Off.rate_for(1000.0), None);
+        assert_eq!(OpenRate::Fixed(10.0).rate_for(1000.0), Some(10.0));
+    }
+}

@@ -1,0 +1,664 @@
+//! The results: one row per scenario and mode, the ceiling and scale comparisons, and the
+//! verdict on the issue's targets; a table for people, JSON lines (`--json`) for tools.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::args::Scenario;
+use crate::cpu::CpuUse;
+use crate::stats::{Summary, ratio, round3};
+
+/// The issue's targets.
+pub const BALANCE_VS_HEALTH: f64 = 0.6;
+pub const CHECKOUT_VS_PGBENCH: f64 = 0.8;
+pub const CHECKOUT_P99_VS_PGBENCH: f64 = 2.0;
+pub const BIG_VS_SMALL: f64 = 0.8;
+pub const MAX_RSS_MB: f64 = 150.0;
+/// The concurrency the targets are defined at.
+pub const TARGET_CONCURRENCY: u32 = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Closed,
+    Open,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Closed => "closed",
+            Mode::Open => "open",
+        }
+    }
+}
+
+/// One measurement. Serialised as one JSON line; every key is always present (null when it
+/// does not apply), so consumers need no special cases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `"run"`: tells these lines apart from the machine, scale and verdict lines.
+    pub kind: &'static str,
+    pub scenario: &'static str,
+    pub mode: Mode,
+    pub customers: u64,
+    pub concurrency: u32,
+    pub seconds: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub error_codes: BTreeMap<String, u64>,
+    /// Successful requests (transactions for pgbench) per second.
+    pub rps: f64,
+    /// Open loop: the offered rate.
+    pub target_rps: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// The server's largest RSS during the run (not for pgbench).
+    pub server_rss_mb: Option<f64>,
+    /// CPU of the server and of this load generator, % of one core (warm-up included).
+    pub server_cpu_pct: Option<f64>,
+    pub client_cpu_pct: Option<f64>,
+    /// The whole machine, % of all cores: near 100 means the box, not the code, is the limit.
+    pub machine_cpu_pct: Option<f64>,
+    /// Share of the server's balance reads answered by Redis (warm-up included); null when
+    /// the scenario reads no balances or the server has no cache.
+    pub cache_hit_ratio: Option<f64>,
+    pub ceiling: Option<&'static str>,
+    pub ceiling_rps: Option<f64>,
+    pub ratio: Option<f64>,
+    pub ceiling_p99_ms: Option<f64>,
+    pub p99_ratio: Option<f64>,
+    /// pgbench only: its own tps figure over the whole run, to cross-check ours.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pgbench_reported_tps: Option<f64>,
+}
+
+impl Row {
+    pub fn new(
+        scenario: Scenario,
+        mode: Mode,
+        customers: u64,
+        concurrency: u32,
+        seconds: u64,
+        summary: &Summary,
+    ) -> Row {
+        let r = |v: Option<f64>| v.map(round3);
+        Row {
+            kind: "run",
+            scenario: scenario.name(),
+            mode,
+            customers,
+            concurrency,
+            seconds,
+            ok: summary.ok,
+            errors: summary.errors,
+            error_codes: summary.error_codes.clone(),
+            rps: round3(summary.rps),
+            target_rps: None,
+            p50_ms: r(summary.p50_ms),
+            p99_ms: r(summary.p99_ms),
+            p999_ms: r(summary.p999_ms),
+            max_ms: r(summary.max_ms),
+            server_rss_mb: None,
+            server_cpu_pct: None,
+            client_cpu_pct: None,
+            machine_cpu_pct: None,
+            cache_hit_ratio: None,
+            ceiling: None,
+            ceiling_rps: None,
+            ratio: None,
+            ceiling_p99_ms: None,
+            p99_ratio: None,
+            pgbench_reported_tps: None,
+        }
+    }
+
+    pub fn with_rss(mut self, bytes: Option<u64>) -> Row {
+        self.server_rss_mb = bytes.map(|b| round3(b as f64 / (1024.0 * 1024.0)));
+        self
+    }
+
+    pub fn with_cpu(mut self, cpu: CpuUse) -> Row {
+        let r = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+        self.server_cpu_pct = r(cpu.server_pct);
+        self.client_cpu_pct = r(cpu.client_pct);
+        self.machine_cpu_pct = r(cpu.machine_pct);
+        self
+    }
+
+    pub fn with_cache_hit_ratio(mut self, ratio: Option<f64>) -> Row {
+        self.cache_hit_ratio = ratio.map(round3);
+        self
+    }
+
+    pub fn with_target_rps(mut self, rate: f64) -> Row {
+        self.target_rps = Some(round3(rate));
+        self
+    }
+
+    /// One line for the progress log.
+    pub fn progress(&self) -> String {
+        format!(
+            "  {:<12} {:<6} {:>10.1} rps  p50 {} ms  p99 {} ms  p99.9 {} ms  errors {}{}  \
+             cpu: server {}% client {}% machine {}%{}",
+            self.scenario,
+            self.mode.name(),
+            self.rps,
+            ms(self.p50_ms),
+            ms(self.p99_ms),
+            ms(self.p999_ms),
+            self.errors,
+            self.server_rss_mb
+                .map(|mb| format!("  rss {mb:.1} MB"))
+                .unwrap_or_default(),
+            pct(self.server_cpu_pct),
+            pct(self.client_cpu_pct),
+            pct(self.machine_cpu_pct),
+            self.cache_hit_ratio
+                .map(|r| format!("  cache hits {:.1}%", r * 100.0))
+                .unwrap_or_default(),
+        )
+    }
+
+    fn is(&self, scenario: &str, mode: Mode) -> bool {
+        self.scenario == scenario && self.mode == mode
+    }
+}
+
+fn closed<'a>(rows: &'a [Row], scenario: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.is(scenario, Mode::Closed))
+}
+
+/// Fills the ceiling comparisons of one scale's rows (closed loop only: an open loop's rate is
+/// chosen, not achieved): balance (and balance_cold) against health, checkout against pgbench.
+pub fn compare_with_ceilings(rows: &mut [Row]) {
+    let health = closed(rows, "health").map(|r| r.rps);
+    let pgbench = closed(rows, "pgbench").map(|r| (r.rps, r.p99_ms));
+    for row in rows.iter_mut().filter(|r| r.mode == Mode::Closed) {
+        match (row.scenario, health, pgbench) {
+            ("balance" | "balance_cold", Some(health), _) => {
+                row.ceiling = Some("health");
+                row.ceiling_rps = Some(health);
+                row.ratio = ratio(Some(row.rps), Some(health)).map(round3);
+            }
+            ("checkout", _, Some((rps, p99))) => {
+                row.ceiling = Some("pgbench");
+                row.ceiling_rps = Some(rps);
+                row.ratio = ratio(Some(row.rps), Some(rps)).map(round3);
+                row.ceiling_p99_ms = p99;
+                row.p99_ratio = ratio(row.p99_ms, p99).map(round3);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A scenario at a larger scale against the smallest one.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    /// `"scale"`.
+    pub kind: &'static str,
+    pub scenario: &'static str,
+    pub mode: Mode,
+    pub customers: u64,
+    pub baseline_customers: u64,
+    pub rps: f64,
+    pub baseline_rps: f64,
+    pub ratio: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub baseline_p99_ms: Option<f64>,
+}
+
+/// Every closed-loop scenario at each larger scale against the smallest scale.
+pub fn compare_scales(rows: &[Row], scales: &[u64]) -> Vec<ScaleRow> {
+    let Some((&small, bigger)) = scales.split_first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for &big in bigger {
+        for scenario in Scenario::RUN_ORDER {
+            let at = |customers: u64| {
+                rows.iter()
+                    .find(|r| r.customers == customers && r.is(scenario.name(), Mode::Closed))
+            };
+            if let (Some(base), Some(row)) = (at(small), at(big)) {
+                out.push(ScaleRow {
+                    kind: "scale",
+                    scenario: scenario.name(),
+                    mode: Mode::Closed,
+                    customers: big,
+                    baseline_customers: small,
+                    rps: row.rps,
+                    baseline_rps: base.rps,
+                    ratio: ratio(Some(row.rps), Some(base.rps)).map(round3),
+                    p99_ms: row.p99_ms,
+                    baseline_p99_ms: base.p99_ms,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One target of the issue and how this run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// `"verdict"`.
+    pub kind: &'static str,
+    pub target: String,
+    pub measured: String,
+    /// `None`: not measured in this run.
+    pub pass: Option<bool>,
+}
+
+fn check(target: String, measured: String, pass: Option<bool>) -> Check {
+    Check {
+        kind: "verdict",
+        target,
+        measured,
+        pass,
+    }
+}
+
+pub fn verdict(rows: &[Row], scales: &[ScaleRow], concurrency: u32) -> Vec<Check> {
+    let at = if concurrency == TARGET_CONCURRENCY {
+        String::new()
+    } else {
+        format!(" [targets are set at concurrency {TARGET_CONCURRENCY}; ran at {concurrency}]")
+    };
+    let mut customers: Vec<u64> = rows.iter().map(|r| r.customers).collect();
+    customers.dedup();
+    let mut checks = Vec::new();
+    for n in customers {
+        let of_scale: Vec<Row> = rows.iter().filter(|r| r.customers == n).cloned().collect();
+        if let Some(balance) = closed(&of_scale, "balance") {
+            checks.push(check(
+                format!("balance >= {BALANCE_VS_HEALTH} x health rps @ {n} customers{at}"),
+                match (balance.ratio, balance.ceiling_rps) {
+                    (Some(r), Some(h)) => format!("{r:.3} ({:.0} / {h:.0} rps)", balance.rps),
+                    _ => "health not measured".into(),
+                },
+                balance.ratio.map(|r| r >= BALANCE_VS_HEALTH),
+            ));
+        }
+        if let Some(checkout) = closed(&of_scale, "checkout") {
+            checks.push(check(
+                format!("checkout >= {CHECKOUT_VS_PGBENCH} x pgbench rps @ {n} customers{at}"),
+                match (checkout.ratio, checkout.ceiling_rps) {
+                    (Some(r), Some(p)) => format!("{r:.3} ({:.0} / {p:.0} rps)", checkout.rps),
+                    _ => "pgbench not measured".into(),
+                },
+                checkout.ratio.map(|r| r >= CHECKOUT_VS_PGBENCH),
+            ));
+            checks.push(check(
+                format!(
+                    "checkout p99 <= {CHECKOUT_P99_VS_PGBENCH} x pgbench p99 @ {n} customers{at}"
+                ),
+                match (checkout.p99_ratio, checkout.p99_ms, checkout.ceiling_p99_ms) {
+                    (Some(r), Some(c), Some(p)) => format!("{r:.3} ({c:.3} / {p:.3} ms)"),
+                    _ => "pgbench not measured".into(),
+                },
+                checkout.p99_ratio.map(|r| r <= CHECKOUT_P99_VS_PGBENCH),
+            ));
+        }
+    }
+    for scale in scales
+        .iter()
+        .filter(|s| s.scenario == "balance" || s.scenario == "checkout")
+    {
+        checks.push(check(
+            format!(
+                "{} @ {} >= {BIG_VS_SMALL} x {} @ {} customers",
+                scale.scenario, scale.customers, scale.scenario, scale.baseline_customers
+            ),
+            match scale.ratio {
+                Some(r) => format!("{r:.3} ({:.0} / {:.0} rps)", scale.rps, scale.baseline_rps),
+                None => "no baseline".into(),
+            },
+            scale.ratio.map(|r| r >= BIG_VS_SMALL),
+        ));
+    }
+    let rss = rows
+        .iter()
+        .filter_map(|r| r.server_rss_mb.map(|mb| (mb, r)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    checks.push(match rss {
+        Some((mb, row)) => check(
+            format!("server RSS <= {MAX_RSS_MB} MB"),
+            format!(
+                "max {mb:.1} MB ({} {} @ {} customers)",
+                row.scenario,
+                row.mode.name(),
+                row.customers
+            ),
+            Some(mb <= MAX_RSS_MB),
+        ),
+        None => check(
+            format!("server RSS <= {MAX_RSS_MB} MB"),
+            "not measured".into(),
+            None,
+        ),
+    });
+    checks
+}
+
+fn pct(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
+}
+
+/// The table of all rows, then the error codes of the rows that had errors.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<8} {:>6} {:>6}",
+        "scenario",
+        "mode",
+        "customers",
+        "conc",
+        "secs",
+        "ok",
+        "errors",
+        "rps",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "rss MB",
+        "srv%",
+        "cli%",
+        "cpu%",
+        "ceiling",
+        "ratio",
+        "p99 x"
+    );
+    for row in rows {
+        let mode = match row.target_rps {
+            Some(rate) => format!("open@{rate:.0}/s"),
+            None => row.mode.name().to_string(),
+        };
+        let opt = |v: Option<f64>, decimals: usize| {
+            v.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10.1} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<8} {:>6} {:>6}",
+            row.scenario,
+            mode,
+            row.customers,
+            row.concurrency,
+            row.seconds,
+            row.ok,
+            row.errors,
+            row.rps,
+            ms(row.p50_ms),
+            ms(row.p99_ms),
+            ms(row.p999_ms),
+            opt(row.server_rss_mb, 1),
+            pct(row.server_cpu_pct),
+            pct(row.client_cpu_pct),
+            pct(row.machine_cpu_pct),
+            row.ceiling.unwrap_or("-"),
+            opt(row.ratio, 2),
+            opt(row.p99_ratio, 2),
+        );
+    }
+    for row in rows.iter().filter(|r| r.errors > 0) {
+        let codes: Vec<String> = row
+            .error_codes
+            .iter()
+            .map(|(code, n)| format!("{code}={n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "errors of {} {} @ {}: {}",
+            row.scenario,
+            row.mode.name(),
+            row.customers,
+            codes.join(", ")
+        );
+    }
+    out
+}
+
+pub fn scale_table(scales: &[ScaleRow]) -> String {
+    let mut out = String::new();
+    for s in scales {
+        let _ = writeln!(
+            out,
+            "{:<12} @ {} vs @ {}: {:.1} / {:.1} rps = {}   p99 {} / {} ms",
+            s.scenario,
+            s.customers,
+            s.baseline_customers,
+            s.rps,
+            s.baseline_rps,
+            s.ratio.map_or_else(|| "-".into(), |r| format!("{r:.3}")),
+            ms(s.p99_ms),
+            ms(s.baseline_p99_ms),
+        );
+    }
+    out
+}
+
+pub fn verdict_text(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let mark = match c.pass {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "n/a ",
+        };
+        let _ = writeln!(out, "{mark}  {}: {}", c.target, c.measured);
+    }
+    out
+}
+
+/// The machine the figures come from (they mean nothing without it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// `"machine"`.
+    pub kind: &'static str,
+    pub nproc: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres: Option<String>,
+    pub pgbench: Option<String>,
+}
+
+impl Machine {
+    pub fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Machine {
+            kind: "machine",
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
+            memory_gib: field(&meminfo, "MemTotal")
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |kib| round3(kib / (1024.0 * 1024.0))),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            postgres: None,
+            pgbench: None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}; PostgreSQL {}; {}",
+            self.nproc,
+            self.cpu,
+            self.memory_gib,
+            self.kernel,
+            self.postgres.as_deref().unwrap_or("?"),
+            self.pgbench.as_deref().unwrap_or("pgbench not used"),
+        )
+    }
+}
+
+/// The value of `key: value` in a /proc text file.
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
+}
+
+/// Where people's text and the JSON lines go: with `--json`, stdout carries only JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    pub fn human(&self, text: &str) {
+        if self.json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+
+    pub fn json_line(&self, value: &impl Serialize) {
+        if self.json {
+            match serde_json::to_string(value) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("warning: cannot encode a result as JSON: {e}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(scenario: Scenario, mode: Mode, customers: u64, rps: f64, p99: f64) -> Row {
+        let summary = Summary {
+            ok: (rps * 10.0) as u64,
+            rps,
+            p50_ms: Some(p99 / 2.0),
+            p99_ms: Some(p99),
+            p999_ms: Some(p99 * 1.5),
+            max_ms: Some(p99 * 2.0),
+            ..Summary::default()
+        };
+        Row::new(scenario, mode, customers, 32, 10, &summary)
+    }
+
+    fn scale(customers: u64, balance: f64, checkout: f64) -> Vec<Row> {
+        let mut rows = vec![
+            row(Scenario::Health, Mode::Closed, customers, 10_000.0, 5.0),
+            row(Scenario::Balance, Mode::Closed, customers, balance, 6.0),
+            row(Scenario::Balance, Mode::Open, customers, balance * 0.7, 3.0)
+                .with_target_rps(balance * 0.7),
+            row(Scenario::Pgbench, Mode::Closed, customers, 2_000.0, 20.0),
+            row(Scenario::Checkout, Mode::Closed, customers, checkout, 50.0)
+                .with_rss(Some(40 * 1024 * 1024)),
+        ];
+        compare_with_ceilings(&mut rows);
+        rows
+    }
+
+    #[test]
+    fn ceilings_are_compared_in_the_closed_loop_only() {
+        let rows = scale(10_000, 7_000.0, 1_700.0);
+        let balance = closed(&rows, "balance").unwrap();
+        assert_eq!(
+            (balance.ceiling, balance.ceiling_rps, balance.ratio),
+            (Some("health"), Some(10_000.0), Some(0.7))
+        );
+        let open = rows.iter().find(|r| r.is("balance", Mode::Open)).unwrap();
+        assert_eq!(open.ratio, None);
+        let checkout = closed(&rows, "checkout").unwrap();
+        assert_eq!(checkout.ratio, Some(0.85));
+        assert_eq!(checkout.p99_ratio, Some(2.5));
+        assert_eq!(checkout.ceiling_p99_ms, Some(20.0));
+        assert_eq!(closed(&rows, "health").unwrap().ratio, None);
+    }
+
+    #[test]
+    fn the_verdict_applies_the_targets() {
+        let mut rows = scale(10_000, 7_000.0, 1_700.0);
+        rows.extend(scale(1_000_000, 5_000.0, 1_500.0));
+        let scales = compare_scales(&rows, &[10_000, 1_000_000]);
+        let balance = scales.iter().find(|s| s.scenario == "balance").unwrap();
+        assert_eq!(balance.ratio, Some(round3(5_000.0 / 7_000.0)));
+        let checks = verdict(&rows, &scales, 32);
+        let find = |prefix: &str| {
+            checks
+                .iter()
+                .find(|c| c.target.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no check {prefix}: {checks:?}"))
+                .pass
+        };
+        assert_eq!(find("balance >= 0.6 x health rps @ 10000"), Some(true));
+        assert_eq!(find("checkout >= 0.8 x pgbench rps @ 10000"), Some(true));
+        assert_eq!(find("checkout p99 <= 2 x pgbench p99 @ 10000"), Some(false));
+        assert_eq!(find("balance @ 1000000 >= 0.8"), Some(false));
+        assert_eq!(find("checkout @ 1000000 >= 0.8"), Some(true));
+        assert_eq!(find("server RSS"), Some(true));
+        assert!(checks.iter().all(|c| !c.target.contains("targets are set")));
+        let at_8 = verdict(&rows, &scales, 8);
+        assert!(at_8[0].target.contains("ran at 8"));
+    }
+
+    #[test]
+    fn missing_ceilings_are_not_guessed() {
+        let mut rows = vec![row(Scenario::Checkout, Mode::Closed, 10, 100.0, 1.0)];
+        compare_with_ceilings(&mut rows);
+        assert_eq!(rows[0].ratio, None);
+        let checks = verdict(&rows, &[], 32);
+        assert!(checks.iter().all(|c| c.pass.is_none()), "{checks:?}");
+    }
+
+    #[test]
+    fn json_lines_carry_the_required_keys() {
+        let rows = scale(10_000, 7_000.0, 1_700.0);
+        let value = serde_json::to_value(closed(&rows, "checkout").unwrap()).unwrap();
+        for key in [
+            "scenario",
+            "concurrency",
+            "seconds",
+            "ok",
+            "errors",
+            "rps",
+            "p50_ms",
+            "p99_ms",
+            "p999_ms",
+            "server_rss_mb",
+            "ceiling",
+            "ceiling_rps",
+            "ratio",
+            "p99_ratio",
+            "mode",
+            "customers",
+        ] {
+            assert!(value.get(key).is_some(), "missing {key}: {value}");
+        }
+        assert_eq!(value["mode"], "closed");
+        assert_eq!(value["server_rss_mb"], 40.0);
+        // Every row has the same keys, nulls included.
+        let health = serde_json::to_value(closed(&rows, "health").unwrap()).unwrap();
+        assert!(health["ceiling"].is_null() && health.get("ratio").is_some());
+    }
+
+    #[test]
+    fn proc_fields_are_read() {
+        let cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t: fpu\n";
+        assert_eq!(
+            field(cpuinfo, "model name").as_deref(),
+            Some("AMD EPYC 7B13")
+        );
+        assert_eq!(field(cpuinfo, "cache size"), None);
+    }
+}
