@@ -9,12 +9,14 @@
 //! * A write that fails after its Postgres commit leaves a possibly stale copy behind. The key
 //!   is then remembered as *suspect*: reads skip the cache for it until the repair job
 //!   (`service::CacheRepair`) has put the committed state back.
-//! * After an error the cache is skipped for a short cool-down (a circuit breaker), so a dead or
-//!   slow Redis costs one timeout, not one per RPC, and the connection is rebuilt: redis-rs's
-//!   manager reconnects after most failures but can stay stuck on a broken pipe.
+//! * A failed operation falls back to Postgres for that request only. After a few failures in a
+//!   row the cache is skipped for a short cool-down (a circuit breaker), so a dead or slow Redis
+//!   costs a few timeouts, not one per RPC, while a single slow reply under load does not send
+//!   every read to Postgres at once. When the breaker trips the connection is rebuilt:
+//!   redis-rs's manager reconnects after most failures but can stay stuck on a broken pipe.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,9 @@ use crate::telemetry::Metrics;
 /// Keeps the suspect set bounded while Redis is down for long; beyond it the whole cache is
 /// distrusted until every entry written before has expired.
 const MAX_SUSPECTS: usize = 100_000;
+
+/// Failures in a row that open the breaker.
+const TRIP_AFTER_FAILURES: u32 = 3;
 
 const STORE_IF_NEWER: &str = r"
 local current = redis.call('HGET', KEYS[1], 'v')
@@ -86,13 +91,15 @@ struct Inner {
     manager_config: ConnectionManagerConfig,
     /// Replaced by a fresh lazy manager after a failure.
     conn: RwLock<ConnectionManager>,
-    /// Whether the last operation failed (to log the transitions only).
+    /// Whether the breaker is open or was last opened (to log the transitions only).
     down: AtomicBool,
+    breaker: Breaker,
+    epoch: Instant,
+    /// Whether any key is suspect (or the whole cache distrusted): lets reads skip the lock.
+    any_suspect: AtomicBool,
     script: redis::Script,
     config: CacheConfig,
     metrics: Metrics,
-    /// Until when the cache is skipped after an error.
-    cool_down_until: Mutex<Option<Instant>>,
     suspects: Mutex<Suspects>,
 }
 
@@ -132,10 +139,12 @@ impl Cache {
                 manager_config,
                 conn: RwLock::new(conn),
                 down: AtomicBool::new(false),
+                breaker: Breaker::new(config.cool_down),
+                epoch: Instant::now(),
+                any_suspect: AtomicBool::new(false),
                 script: redis::Script::new(STORE_IF_NEWER),
                 config,
                 metrics,
-                cool_down_until: Mutex::new(None),
                 suspects: Mutex::new(Suspects::default()),
             })),
         })
@@ -274,6 +283,7 @@ impl Cache {
             );
             suspects.keys.clear();
             suspects.distrust_until = Some(Instant::now() + inner.config.ttl);
+            inner.any_suspect.store(true, Ordering::Release);
             return;
         }
         suspects.next_generation += 1;
@@ -285,6 +295,7 @@ impl Cache {
             },
             generation,
         );
+        inner.any_suspect.store(true, Ordering::Release);
     }
 
     /// The suspect keys with their generations, for the repair job.
@@ -303,6 +314,9 @@ impl Cache {
         let mut suspects = inner.suspects.lock().unwrap_or_else(|e| e.into_inner());
         if suspects.keys.get(key) == Some(&generation) {
             suspects.keys.remove(key);
+        }
+        if suspects.keys.is_empty() && suspects.distrust_until.is_none() {
+            inner.any_suspect.store(false, Ordering::Release);
         }
     }
 
@@ -330,21 +344,27 @@ impl Inner {
         )
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn cooling_down(&self) -> bool {
-        let until = *self
-            .cool_down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        until.is_some_and(|t| Instant::now() < t)
+        self.breaker.is_open(self.now_ms())
     }
 
     fn is_suspect(&self, merchant: MerchantId, external_id: &str) -> bool {
+        if !self.any_suspect.load(Ordering::Acquire) {
+            return false;
+        }
         let mut suspects = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(until) = suspects.distrust_until {
             if Instant::now() < until {
                 return true;
             }
             suspects.distrust_until = None;
+            if suspects.keys.is_empty() {
+                self.any_suspect.store(false, Ordering::Release);
+            }
         }
         !suspects.keys.is_empty()
             && suspects.keys.contains_key(&CustomerKey {
@@ -358,32 +378,69 @@ impl Inner {
     }
 
     fn succeeded<T>(&self, value: T) -> T {
-        if self.down.swap(false, Ordering::Relaxed) {
+        self.breaker.record_success();
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
             tracing::info!("redis reachable again; cache in use");
         }
         value
     }
 
+    /// Counts a failure; after a few in a row, opens the breaker for the cool-down and
+    /// rebuilds the connection.
     fn failed(&self, op: &'static str, error: &str) {
         self.metrics.cache_op(op, "error");
+        if !self.breaker.record_failure(self.now_ms()) {
+            return;
+        }
         if !self.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(op, error, "redis unavailable; serving from postgres");
         }
-        let mut until = self
-            .cool_down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let first_in_cool_down = until.is_none_or(|t| Instant::now() >= t);
-        *until = Some(Instant::now() + self.config.cool_down);
-        drop(until);
-        if first_in_cool_down
-            && let Ok(fresh) = ConnectionManager::new_lazy_with_config(
-                self.client.clone(),
-                self.manager_config.clone(),
-            )
-        {
+        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
             *self.conn.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         }
+    }
+}
+
+/// The circuit breaker: opens after [`TRIP_AFTER_FAILURES`] failures in a row, stays open for
+/// the cool-down, then lets operations through again (a further failure re-opens it at once).
+/// Lock-free, because every cache operation asks it. Time is passed in, in milliseconds.
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    /// When the breaker closes again; 0 while closed.
+    open_until_ms: AtomicU64,
+    cool_down_ms: u64,
+}
+
+impl Breaker {
+    fn new(cool_down: Duration) -> Breaker {
+        Breaker {
+            consecutive_failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            cool_down_ms: cool_down.as_millis() as u64,
+        }
+    }
+
+    fn is_open(&self, now_ms: u64) -> bool {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        until != 0 && now_ms < until
+    }
+
+    fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Returns true when this failure opened the breaker.
+    fn record_failure(&self, now_ms: u64) -> bool {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < TRIP_AFTER_FAILURES || self.is_open(now_ms) {
+            return false;
+        }
+        self.open_until_ms
+            .store((now_ms + self.cool_down_ms).max(1), Ordering::Release);
+        true
     }
 }
 
@@ -400,7 +457,30 @@ fn escape(external_id: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::*;
+
+    #[test]
+    fn one_slow_reply_does_not_open_the_breaker_but_a_dead_redis_does() {
+        let breaker = Breaker::new(Duration::from_millis(1000));
+        assert!(!breaker.record_failure(10));
+        breaker.record_success();
+        assert!(!breaker.record_failure(20));
+        assert!(!breaker.record_failure(30));
+        assert!(!breaker.is_open(30));
+        assert!(
+            breaker.record_failure(40),
+            "the third failure in a row opens it"
+        );
+        assert!(breaker.is_open(41) && breaker.is_open(1039));
+        assert!(!breaker.record_failure(500), "already open");
+        // After the cool-down one operation goes through; if it fails, it opens again at once.
+        assert!(!breaker.is_open(1040));
+        assert!(breaker.record_failure(1050));
+        assert!(breaker.is_open(1051));
+        // A success closes the count.
+        breaker.record_success();
+        assert!(!breaker.record_failure(3000));
+    }
 
     #[test]
     fn external_ids_cannot_break_the_hash_tag() {
