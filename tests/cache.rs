@@ -375,3 +375,120 @@ async fn the_service_runs_with_the_cache_disabled() {
     assert!(!app.loyalty.cache().is_enabled());
     app.stop().await;
 }
+
+/// A cache write that fails after its commit is noted in Postgres, so another replica repairs
+/// the entry even when the replica that saw the failure is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_repairs_what_a_dead_one_could_not_write() {
+    let redis_proxy = Proxy::start(common::socket_addr_of(&common::redis_url())).await;
+    let mut first = TestApp::spawn_with(Options {
+        redis_url: Some(format!("redis://{}", redis_proxy.addr)),
+        ..Options::default()
+    })
+    .await;
+    let merchant = first.merchant().await;
+    let pos = first.key(&merchant, Scope::Pos).await;
+    let mut checkout = first.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+
+    // The first replica loses Redis, acknowledges a purchase it could not publish (Redis
+    // still holds the balance before it), and goes away before Redis is back.
+    redis_proxy.cut().await;
+    let acknowledged = checkout
+        .record_purchase(purchase("card-1", "r-2", 1000))
+        .await
+        .unwrap()
+        .into_inner()
+        .balance
+        .unwrap();
+    let noted: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+        .fetch_one(&first.pool)
+        .await
+        .unwrap();
+    assert_eq!(noted, 1);
+    first.shutdown_server().await;
+
+    // Another replica on the same database and Redis repairs the entry by itself.
+    let second = TestApp::spawn_with(Options {
+        database_url: Some(first.db.url.clone()),
+        key_prefix: Some(first.key_prefix.clone()),
+        ..Options::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let CacheRead::Hit(state) = second.loyalty.cache().get(merchant.id, "card-1").await
+            && state.version == acknowledged.version
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale entry was not repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = balance(&mut second.member(&pos).await, "card-1", 0).await;
+    assert_eq!(shown.balance.unwrap(), acknowledged);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+        .fetch_one(&first.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A till retries when it did not hear the answer, e.g. because the server died between the
+/// commit and the cache update. The retry publishes the customer's current state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_purchase_publishes_the_current_state() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let second = purchase("card-1", "r-2", 1000);
+    checkout.record_purchase(second.clone()).await.unwrap();
+
+    // Redis still holds version 1, as if the server had died before publishing version 2.
+    let key = format!("{}:{{m{}:ccard-1}}:state", app.key_prefix, merchant.id);
+    let mut redis = raw_redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&[
+            "v", "1", "a", "10", "p", "0", "le", "10", "lr", "0", "pc", "1",
+        ])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    checkout.record_purchase(second.clone()).await.unwrap();
+    match app.loyalty.cache().get(merchant.id, "card-1").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (2, 20)),
+        other => panic!("{other:?}"),
+    }
+
+    // Into an empty slot a replay puts the current state, not the one in its old receipt.
+    checkout
+        .record_purchase(purchase("card-1", "r-3", 1000))
+        .await
+        .unwrap();
+    app.loyalty
+        .cache()
+        .evict(merchant.id, "card-1")
+        .await
+        .unwrap();
+    let replayed = checkout.record_purchase(second).await.unwrap().into_inner();
+    assert_eq!(replayed.balance.unwrap().version, 2);
+    match app.loyalty.cache().get(merchant.id, "card-1").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (3, 30)),
+        other => panic!("{other:?}"),
+    }
+    app.stop().await;
+}

@@ -69,8 +69,7 @@ impl Loyalty {
         match outcome {
             RecordOutcome::Recorded(account) => {
                 drop(conn);
-                self.cache
-                    .put_after_commit(merchant, &purchase.external_id, &account)
+                self.publish(merchant, &purchase.external_id, &account)
                     .await;
                 Ok(PurchaseReceipt {
                     purchase_id: purchase.purchase_id.clone(),
@@ -83,7 +82,18 @@ impl Loyalty {
                 let stored = purchases::find(&mut conn, merchant, &purchase.purchase_id)
                     .await?
                     .ok_or_else(|| Error::internal("a purchase that conflicted cannot be found"))?;
-                replay(purchase, stored)
+                drop(conn);
+                let receipt = replay(purchase, stored)?;
+                // The first attempt may have died between its commit and its cache update (a
+                // till retries exactly then): publish the customer's current state. (Not the
+                // state in the receipt: into an empty cache slot that could be older than
+                // purchases made since.)
+                if let Some(current) =
+                    customers::account(self.store.pool(), merchant, &receipt.external_id).await?
+                {
+                    self.publish(merchant, &receipt.external_id, &current).await;
+                }
+                Ok(receipt)
             }
         }
     }

@@ -7,8 +7,9 @@
 //! * Writes are compare-and-set on the account version (a Lua script): a slow writer holding an
 //!   older version can never overwrite a newer one.
 //! * A write that fails after its Postgres commit leaves a possibly stale copy behind. The key
-//!   is then remembered as *suspect*: reads skip the cache for it until the repair job
-//!   (`service::CacheRepair`) has put the committed state back.
+//!   is then remembered as *suspect*: reads on this replica skip the cache for it, and the key
+//!   is also noted in Postgres (`cache_repairs`), so the repair job of any replica puts the
+//!   committed state back even if this one dies first (`service::cache_repair`).
 //! * A failed operation falls back to Postgres for that request only. After a few failures in a
 //!   row the cache is skipped for a short cool-down (a circuit breaker), so a dead or slow Redis
 //!   costs a few timeouts, not one per RPC, while a single slow reply under load does not send
@@ -258,20 +259,22 @@ impl Cache {
         }
     }
 
-    /// After a Postgres commit: publish the new state, or remember that the cached copy may
-    /// now be stale.
+    /// After a Postgres commit: publish the new state, or remember (in this replica's memory)
+    /// that the cached copy may now be stale. A disabled cache counts as stored.
     pub async fn put_after_commit(
         &self,
         merchant: MerchantId,
         external_id: &str,
         state: &AccountState,
-    ) {
+    ) -> CacheWrite {
         if self.inner.is_none() {
-            return;
+            return CacheWrite::Stored;
         }
-        if self.put(merchant, external_id, state).await == CacheWrite::Failed {
+        let written = self.put(merchant, external_id, state).await;
+        if written == CacheWrite::Failed {
             self.mark_suspect(merchant, external_id);
         }
+        written
     }
 
     pub fn mark_suspect(&self, merchant: MerchantId, external_id: &str) {

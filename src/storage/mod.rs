@@ -2,6 +2,7 @@
 //! the longer statements sit in `sql/*.sql` next to it.
 
 pub mod cache;
+pub mod cache_repairs;
 pub mod customers;
 pub mod ledger;
 pub mod merchants;

@@ -286,6 +286,8 @@ pub struct Options {
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
     pub db_acquire_timeout: Duration,
+    /// Share another server's Redis keys (its `TestApp::key_prefix`) instead of our own.
+    pub key_prefix: Option<String>,
     /// Reach Postgres through this address (a [`proxy::Proxy`]) instead of directly.
     pub database_via: Option<SocketAddr>,
 }
@@ -305,6 +307,7 @@ impl Default for Options {
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
+            key_prefix: None,
         }
     }
 }
@@ -347,7 +350,10 @@ impl TestApp {
     /// A server on an existing database (the reliability suite brings its own Postgres).
     pub async fn spawn_on(db: TestDb, options: Options) -> TestApp {
         init_test_tracing();
-        let key_prefix = format!("test:{}", db.name);
+        let key_prefix = options
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| format!("test:{}", db.name));
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -409,14 +415,19 @@ impl TestApp {
         }
     }
 
-    /// Stops the server gracefully and drops the database.
-    pub async fn stop(mut self) {
+    /// Stops the server (gracefully), keeping the database.
+    pub async fn shutdown_server(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+    }
+
+    /// Stops the server gracefully and drops the database.
+    pub async fn stop(mut self) {
+        self.shutdown_server().await;
         self.pool.close().await;
         self.db.drop_database().await;
     }
