@@ -81,17 +81,32 @@ pub struct MetricsService<S> {
     known: Arc<HashSet<String>>,
 }
 
-/// Records one request when its status becomes known (or it is abandoned).
+/// Records one request when its status becomes known. A request abandoned before that (the
+/// client cancelled or went away, so the server dropped the work) counts as CANCELLED.
 struct Recorder {
     metrics: Metrics,
     method: String,
     started: Instant,
+    recorded: bool,
 }
 
 impl Recorder {
-    fn finish(self, code: Code) {
-        self.metrics
-            .rpc(&self.method, code, self.started.elapsed().as_secs_f64());
+    fn finish(mut self, code: Code) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Code) {
+        if !self.recorded {
+            self.recorded = true;
+            self.metrics
+                .rpc(&self.method, code, self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.record(Code::Cancelled);
     }
 }
 
@@ -124,6 +139,7 @@ where
             metrics: self.metrics.clone(),
             method,
             started: Instant::now(),
+            recorded: false,
         };
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -143,19 +159,11 @@ where
 }
 
 pin_project! {
+    /// Passes the response body through and records the status found in its trailers.
     struct RecordingBody {
         #[pin]
         inner: Body,
         recorder: Option<Recorder>,
-    }
-
-    impl PinnedDrop for RecordingBody {
-        fn drop(this: Pin<&mut Self>) {
-            // The client went away before the trailers.
-            if let Some(recorder) = this.project().recorder.take() {
-                recorder.finish(Code::Cancelled);
-            }
-        }
     }
 }
 
