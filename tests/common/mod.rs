@@ -7,8 +7,8 @@
 //! `redis://127.0.0.1:6379`). `scripts/test.sh` sets both.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod proxy;
-pub mod rig;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
