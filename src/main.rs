@@ -7,6 +7,9 @@ use loyalty::app::Application;
 use loyalty::config::{Cli, Command};
 use loyalty::{cli, shutdown, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Cli::parse();
