@@ -170,50 +170,17 @@ where
 }
 
 /// Rewrites tonic's answer to an oversized request message (OUT_OF_RANGE) into the code the
-/// gRPC specification gives it, RESOURCE_EXHAUSTED, keeping tonic's message.
-#[derive(Clone, Default)]
-pub struct OversizedRequestLayer;
-
-impl<S> Layer<S> for OversizedRequestLayer {
-    type Service = OversizedRequest<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        OversizedRequest { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct OversizedRequest<S> {
-    inner: S,
-}
-
-impl<S> Service<http::Request<Body>> for OversizedRequest<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = future.await?;
-            match Status::from_header_map(response.headers()) {
-                Some(status)
-                    if status.code() == tonic::Code::OutOfRange
-                        && status.message().contains("message length too large") =>
-                {
-                    Ok(Status::resource_exhausted(status.message().to_string()).into_http())
-                }
-                _ => Ok(response),
-            }
-        })
+/// gRPC specification gives it, RESOURCE_EXHAUSTED, keeping tonic's message. Used as
+/// `tower::util::MapResponseLayer::new(oversized_request_status)`.
+pub fn oversized_request_status(response: http::Response<Body>) -> http::Response<Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(status)
+            if status.code() == tonic::Code::OutOfRange
+                && status.message().contains("message length too large") =>
+        {
+            Status::resource_exhausted(status.message().to_string()).into_http()
+        }
+        _ => response,
     }
 }
 
