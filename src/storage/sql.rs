@@ -1,5 +1,7 @@
 //! The statements of the hot paths, kept in `.sql` files so they read as SQL and so the
-//! benchmark's pgbench ceiling (`loyalty-bench`) runs exactly the same text.
+//! benchmark's pgbench ceiling (`loyalty-bench`) runs exactly the same text: it generates its
+//! script from these constants, and `sql/checkout.pgbench` beside them is that script (a test
+//! of the bench keeps the two equal).
 
 /// Checkout, step 1: the program version and the customer's id (NULL when not enrolled).
 /// `$1` merchant_id, `$2` external_id.

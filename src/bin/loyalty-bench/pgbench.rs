@@ -350,6 +350,19 @@ fn parse_log_line(line: &str) -> Option<LogEntry> {
 mod tests {
     use super::*;
 
+    /// The script is also kept next to the SQL it mirrors (src/storage/sql/checkout.pgbench), so
+    /// a reader of the service's statements sees the ceiling beside them. Regenerate it with
+    /// `loyalty-bench --print-pgbench-script > src/storage/sql/checkout.pgbench`.
+    #[test]
+    fn the_committed_script_is_the_generated_one() {
+        let committed = include_str!("../../storage/sql/checkout.pgbench");
+        assert_eq!(
+            script().unwrap(),
+            committed,
+            "regenerate src/storage/sql/checkout.pgbench"
+        );
+    }
+
     /// The SQL statements of the script, in order (meta-commands and comments dropped).
     fn statements(script: &str) -> Vec<String> {
         let mut statements = Vec::new();
