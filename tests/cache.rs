@@ -27,6 +27,15 @@ async fn balance(
         .into_inner()
 }
 
+/// The available points `GetBalance` shows, with no `min_version`.
+async fn available(member: &mut common::MemberClient, external_id: &str) -> i64 {
+    balance(member, external_id, 0)
+        .await
+        .balance
+        .unwrap()
+        .available
+}
+
 async fn raw_redis() -> redis::aio::MultiplexedConnection {
     redis::Client::open(common::redis_url())
         .unwrap()
@@ -52,14 +61,7 @@ async fn a_warm_balance_read_needs_no_database() {
         .await
         .unwrap();
     let mut member = app.member(&pos).await;
-    assert_eq!(
-        balance(&mut member, "card-1", 0)
-            .await
-            .balance
-            .unwrap()
-            .available,
-        42
-    );
+    assert_eq!(available(&mut member, "card-1").await, 42);
 
     db_proxy.cut().await;
     let hits = app.metrics.cache_op_count("get", "hit");
@@ -212,14 +214,7 @@ async fn every_rpc_works_with_redis_on_a_dead_port() {
             .unwrap()
             .into_inner();
         assert_eq!(receipt.balance.unwrap().available, 10 * (i + 1));
-        assert_eq!(
-            balance(&mut member, "card-1", 0)
-                .await
-                .balance
-                .unwrap()
-                .available,
-            10 * (i + 1)
-        );
+        assert_eq!(available(&mut member, "card-1").await, 10 * (i + 1));
     }
     member
         .enroll_customer(pb::EnrollCustomerRequest {
@@ -286,14 +281,7 @@ async fn the_cache_recovers_by_itself_and_never_serves_a_stale_balance() {
         .record_purchase(purchase("card-1", "r-1", 1000))
         .await
         .unwrap();
-    assert_eq!(
-        balance(&mut member, "card-1", 0)
-            .await
-            .balance
-            .unwrap()
-            .available,
-        10
-    );
+    assert_eq!(available(&mut member, "card-1").await, 10);
 
     // Redis unreachable: the write commits, its cache update fails, and the old copy (10
     // points) is still in Redis. Reads must not serve it.
@@ -305,14 +293,7 @@ async fn the_cache_recovers_by_itself_and_never_serves_a_stale_balance() {
         .into_inner();
     assert_eq!(receipt.balance.unwrap().available, 20);
     for _ in 0..5 {
-        assert_eq!(
-            balance(&mut member, "card-1", 0)
-                .await
-                .balance
-                .unwrap()
-                .available,
-            20
-        );
+        assert_eq!(available(&mut member, "card-1").await, 20);
     }
 
     // Redis reachable again: even before the repair, reads stay correct; soon the cache holds
@@ -320,14 +301,7 @@ async fn the_cache_recovers_by_itself_and_never_serves_a_stale_balance() {
     redis_proxy.restore();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        assert_eq!(
-            balance(&mut member, "card-1", 0)
-                .await
-                .balance
-                .unwrap()
-                .available,
-            20
-        );
+        assert_eq!(available(&mut member, "card-1").await, 20);
         if let CacheRead::Hit(state) = app.loyalty.cache().get(merchant.id, "card-1").await
             && state.available == 20
         {
@@ -337,14 +311,7 @@ async fn the_cache_recovers_by_itself_and_never_serves_a_stale_balance() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let hits = app.metrics.cache_op_count("get", "hit");
-    assert_eq!(
-        balance(&mut member, "card-1", 0)
-            .await
-            .balance
-            .unwrap()
-            .available,
-        20
-    );
+    assert_eq!(available(&mut member, "card-1").await, 20);
     assert!(app.metrics.cache_op_count("get", "hit") > hits);
     app.stop().await;
 }
@@ -364,14 +331,7 @@ async fn the_service_runs_with_the_cache_disabled() {
         .await
         .unwrap();
     let mut member = app.member(&pos).await;
-    assert_eq!(
-        balance(&mut member, "card-1", 0)
-            .await
-            .balance
-            .unwrap()
-            .available,
-        10
-    );
+    assert_eq!(available(&mut member, "card-1").await, 10);
     assert!(!app.loyalty.cache().is_enabled());
     app.stop().await;
 }
