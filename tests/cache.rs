@@ -452,3 +452,78 @@ async fn a_replayed_purchase_publishes_the_current_state() {
     }
     app.stop().await;
 }
+
+/// A till that gives up (its deadline passes, or it hangs up) while the server is still
+/// writing the cache after the commit must not leave a stale entry that nobody knows about:
+/// the cache update runs to its end even though the request was abandoned, and its failure is
+/// noted, so a replica repairs the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_still_finishes_its_cache_update() {
+    let first = TestApp::spawn().await;
+    let merchant = first.merchant().await;
+    let pos = first.key(&merchant, Scope::Pos).await;
+    first
+        .checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let mut member = first.member(&pos).await;
+    assert_eq!(available(&mut member, "card-1").await, 10);
+
+    // A second replica on the same database and keys, whose Redis accepts connections and
+    // never answers: its cache write after the commit hangs for the cache timeout (1 s),
+    // well past the till's deadline (300 ms).
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black_hole_addr = black_hole.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let second = TestApp::spawn_with(Options {
+        database_url: Some(first.db.url.clone()),
+        key_prefix: Some(first.key_prefix.clone()),
+        redis_url: Some(format!("redis://{black_hole_addr}")),
+        cache_timeout: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let mut request = tonic::Request::new(purchase("card-1", "r-2", 1000));
+    request.set_timeout(Duration::from_millis(300));
+    let abandoned = second
+        .checkout(&pos)
+        .await
+        .record_purchase(request)
+        .await
+        .unwrap_err();
+    // tonic's client reports its own timeout as CANCELLED; the server's as DEADLINE_EXCEEDED.
+    assert!(
+        matches!(
+            abandoned.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{abandoned:?}"
+    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM purchases WHERE purchase_id = 'r-2'")
+            .fetch_one(&first.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "the purchase committed before the cache write");
+
+    // The first replica shows the committed balance once the noted repair is done, without
+    // any retry by the till.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while available(&mut member, "card-1").await != 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the cache kept the balance from before the abandoned purchase"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.stop().await;
+    holding.abort();
+    first.stop().await;
+}

@@ -15,23 +15,32 @@ const REPAIR_BATCH: i64 = 100;
 
 impl Loyalty {
     /// Publishes a committed state to the cache; on failure makes sure it gets repaired.
+    ///
+    /// Runs in a task of its own: a request abandoned at this point (its deadline passed, or
+    /// its client went away while Redis was slow) drops its future, and a cache write cut off
+    /// halfway would leave a stale entry that nobody knows about, neither marked here nor
+    /// noted for repair.
     pub(crate) async fn publish(
         &self,
         merchant: MerchantId,
         external_id: &str,
         state: &AccountState,
     ) {
-        if self
-            .cache
-            .put_after_commit(merchant, external_id, state)
-            .await
-            != CacheWrite::Failed
-        {
-            return;
-        }
-        if let Err(error) = cache_repairs::note(self.store.pool(), merchant, external_id).await {
-            // This replica still skips the entry and repairs it from memory.
-            tracing::warn!(%error, %merchant, "could not note a cache repair in postgres");
+        let cache = self.cache.clone();
+        let store = self.store.clone();
+        let external_id = external_id.to_string();
+        let state = *state;
+        let publishing = tokio::spawn(async move {
+            if cache.put_after_commit(merchant, &external_id, &state).await != CacheWrite::Failed {
+                return;
+            }
+            if let Err(error) = cache_repairs::note(store.pool(), merchant, &external_id).await {
+                // This replica still skips the entry and repairs it from memory.
+                tracing::warn!(%error, %merchant, "could not note a cache repair in postgres");
+            }
+        });
+        if let Err(error) = publishing.await {
+            tracing::error!(%error, %merchant, "publishing a committed state failed");
         }
     }
 

@@ -282,6 +282,8 @@ pub struct Options {
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
     pub key_cache_ttl: Duration,
+    /// How long one Redis operation may take before the cache counts as down.
+    pub cache_timeout: Duration,
     pub health_interval: Duration,
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
@@ -303,6 +305,7 @@ impl Default for Options {
             request_timeout: Duration::from_secs(10),
             max_message_bytes: 1024 * 1024,
             key_cache_ttl: Duration::from_millis(200),
+            cache_timeout: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
@@ -376,7 +379,7 @@ impl TestApp {
                 url: options.redis_url.clone(),
                 key_prefix: key_prefix.clone(),
                 ttl: Duration::from_secs(300),
-                timeout: Duration::from_millis(200),
+                timeout: options.cache_timeout,
                 cool_down: Duration::from_millis(200),
             },
             key_cache_ttl: options.key_cache_ttl,
