@@ -307,3 +307,48 @@ async fn a_program_change_reaches_every_replica_at_once() {
     second.stop().await;
     first.stop().await;
 }
+
+/// A till's retry gets its original answer even after the program changed so that the same
+/// basket would now be refused (here: it would earn more points than a balance can hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_gets_its_original_answer_after_the_program_changed() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let largest = purchase("card-1", "r-1", 100_000_000_000_000);
+    let first = checkout
+        .record_purchase(largest.clone())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut generous = rules();
+    generous.earn_rate = Some(pb::EarnRate {
+        points: 1_000_000,
+        currency_units: 1,
+    });
+    generous.category_multipliers[0].multiplier_bp = 1_000_000;
+    app.program(&merchant.admin_key)
+        .await
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(generous),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let mut new_receipt = largest.clone();
+    new_receipt.purchase_id = "r-2".into();
+    let refused = checkout.record_purchase(new_receipt).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    let before = app.row_counts().await;
+    let replayed = checkout
+        .record_purchase(largest)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed, first);
+    assert_eq!(app.row_counts().await, before);
+    app.stop().await;
+}

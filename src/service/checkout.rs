@@ -8,7 +8,7 @@ use crate::domain::purchase::{Purchase, Quote};
 use crate::error::Error;
 use crate::service::{Caller, Loyalty};
 use crate::storage::purchases::{self, RecordOutcome, StoredPurchase};
-use crate::storage::{customers, programs};
+use crate::storage::{MerchantId, customers, programs};
 
 impl Loyalty {
     /// The points a basket would earn now. Reads the program, writes nothing.
@@ -44,7 +44,20 @@ impl Loyalty {
             .programs
             .get(&mut conn, merchant, program_version)
             .await?;
-        let earned = earn::earn(&program.rules, &purchase.basket)?;
+        let earned = match earn::earn(&program.rules, &purchase.basket) {
+            Ok(earned) => earned,
+            // A retry gets its original answer even if the program has changed since in a
+            // way that this basket cannot earn under any more (rule 3).
+            Err(refused) => {
+                return match purchases::find(&mut conn, merchant, &purchase.purchase_id).await? {
+                    Some(stored) => {
+                        drop(conn);
+                        self.answer_replay(merchant, purchase, stored).await
+                    }
+                    None => Err(refused),
+                };
+            }
+        };
 
         let outcome = match customer_id {
             Some(customer_id) => {
@@ -83,19 +96,29 @@ impl Loyalty {
                     .await?
                     .ok_or_else(|| Error::internal("a purchase that conflicted cannot be found"))?;
                 drop(conn);
-                let receipt = replay(purchase, stored)?;
-                // The first attempt may have died between its commit and its cache update (a
-                // till retries exactly then): publish the customer's current state. (Not the
-                // state in the receipt: into an empty cache slot that could be older than
-                // purchases made since.)
-                if let Some(current) =
-                    customers::account(self.store.pool(), merchant, &receipt.external_id).await?
-                {
-                    self.publish(merchant, &receipt.external_id, &current).await;
-                }
-                Ok(receipt)
+                self.answer_replay(merchant, purchase, stored).await
             }
         }
+    }
+
+    /// The answer to a purchase_id that is already taken: the stored receipt, or
+    /// ALREADY_EXISTS for other content.
+    async fn answer_replay(
+        &self,
+        merchant: MerchantId,
+        purchase: &Purchase,
+        stored: StoredPurchase,
+    ) -> Result<PurchaseReceipt, Error> {
+        let receipt = replay(purchase, stored)?;
+        // The first attempt may have died between its commit and its cache update (a till
+        // retries exactly then): publish the customer's current state. (Not the state in the
+        // receipt: into an empty cache slot that could be older than purchases made since.)
+        if let Some(current) =
+            customers::account(self.store.pool(), merchant, &receipt.external_id).await?
+        {
+            self.publish(merchant, &receipt.external_id, &current).await;
+        }
+        Ok(receipt)
     }
 }
 
