@@ -12,16 +12,14 @@ use crate::error::Error;
 use crate::service::Caller;
 use crate::storage::{Store, merchants};
 
-/// Bounds memory when callers send many distinct (mostly bogus) keys.
+/// Bounds the memory of each half of the key cache.
 const MAX_CACHED_KEYS: usize = 10_000;
 /// Longer than any key we issue; anything longer is not worth hashing.
 const MAX_KEY_CHARS: usize = 256;
 
 pub struct Authenticator {
     store: Store,
-    ttl: Duration,
-    /// Verified keys and known-bad keys, with the time they were looked up.
-    keys: Mutex<HashMap<KeyHash, (Option<Caller>, Instant)>>,
+    keys: Mutex<KeyCache>,
     rate_limit: Option<RateLimit>,
     buckets: Mutex<HashMap<i64, TokenBucket>>,
 }
@@ -31,8 +29,7 @@ impl Authenticator {
     pub fn new(store: Store, ttl: Duration, rate_limit: Option<RateLimit>) -> Authenticator {
         Authenticator {
             store,
-            ttl,
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(KeyCache::new(ttl)),
             rate_limit,
             buckets: Mutex::new(HashMap::new()),
         }
@@ -62,11 +59,10 @@ impl Authenticator {
             .keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
-            .copied();
+            .get(&hash, now);
         let caller = match cached {
-            Some((caller, checked_at)) if now.duration_since(checked_at) < self.ttl => caller,
-            _ => {
+            Some(caller) => caller,
+            None => {
                 let caller = merchants::find_key(self.store.pool(), hash)
                     .await?
                     .map(|record| Caller {
@@ -74,22 +70,16 @@ impl Authenticator {
                         key_id: record.key_id,
                         scope: record.scope,
                     });
-                self.remember(hash, caller, now);
+                // Stamped with the time the lookup started, so a slow lookup cannot stretch
+                // the window in which a revoked key still works.
+                self.keys
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remember(hash, caller, now);
                 caller
             }
         };
         caller.ok_or(Error::Unauthenticated("unknown or revoked API key"))
-    }
-
-    fn remember(&self, hash: KeyHash, caller: Option<Caller>, now: Instant) {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.len() >= MAX_CACHED_KEYS {
-            keys.retain(|_, (_, checked_at)| now.duration_since(*checked_at) < self.ttl);
-            if keys.len() >= MAX_CACHED_KEYS {
-                keys.clear();
-            }
-        }
-        keys.insert(hash, (caller, now));
     }
 
     /// Takes one request from the caller's key budget.
@@ -111,5 +101,124 @@ impl Authenticator {
                 ),
                 retry_after: Some(wait),
             })
+    }
+}
+
+/// Looked-up keys, verified and unknown ones apart, each with the time of its lookup. A flood
+/// of bogus keys fills (and, when full, clears) only its own half, never pushing out the keys
+/// of real callers.
+struct KeyCache {
+    ttl: Duration,
+    verified: HashMap<KeyHash, (Caller, Instant)>,
+    unknown: HashMap<KeyHash, Instant>,
+}
+
+impl KeyCache {
+    fn new(ttl: Duration) -> KeyCache {
+        KeyCache {
+            ttl,
+            verified: HashMap::new(),
+            unknown: HashMap::new(),
+        }
+    }
+
+    /// `Some(Some(caller))`: a verified key; `Some(None)`: a known unknown key; `None`: not
+    /// looked up within the TTL.
+    fn get(&self, hash: &KeyHash, now: Instant) -> Option<Option<Caller>> {
+        let fresh = |checked_at: Instant| now.saturating_duration_since(checked_at) < self.ttl;
+        if let Some((caller, checked_at)) = self.verified.get(hash)
+            && fresh(*checked_at)
+        {
+            return Some(Some(*caller));
+        }
+        match self.unknown.get(hash) {
+            Some(checked_at) if fresh(*checked_at) => Some(None),
+            _ => None,
+        }
+    }
+
+    fn remember(&mut self, hash: KeyHash, caller: Option<Caller>, now: Instant) {
+        let ttl = self.ttl;
+        let fresh = |checked_at: &Instant| now.saturating_duration_since(*checked_at) < ttl;
+        match caller {
+            Some(caller) => {
+                self.unknown.remove(&hash);
+                if self.verified.len() >= MAX_CACHED_KEYS {
+                    self.verified.retain(|_, (_, checked_at)| fresh(checked_at));
+                    if self.verified.len() >= MAX_CACHED_KEYS {
+                        self.verified.clear();
+                    }
+                }
+                self.verified.insert(hash, (caller, now));
+            }
+            None => {
+                self.verified.remove(&hash);
+                if self.unknown.len() >= MAX_CACHED_KEYS {
+                    self.unknown.retain(|_, checked_at| fresh(checked_at));
+                    if self.unknown.len() >= MAX_CACHED_KEYS {
+                        self.unknown.clear();
+                    }
+                }
+                self.unknown.insert(hash, now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::api_key::Scope;
+    use crate::storage::MerchantId;
+
+    fn hash_of(key: &str) -> KeyHash {
+        SecretKey::from_header(key).hash()
+    }
+
+    fn caller(key_id: i64) -> Caller {
+        Caller {
+            merchant: MerchantId(7),
+            key_id,
+            scope: Scope::Pos,
+        }
+    }
+
+    #[test]
+    fn entries_live_for_the_ttl_only() {
+        let start = Instant::now();
+        let ttl = Duration::from_secs(5);
+        let mut cache = KeyCache::new(ttl);
+        cache.remember(hash_of("real"), Some(caller(1)), start);
+        cache.remember(hash_of("bogus"), None, start);
+        let later = start + Duration::from_secs(4);
+        assert_eq!(cache.get(&hash_of("real"), later), Some(Some(caller(1))));
+        assert_eq!(cache.get(&hash_of("bogus"), later), Some(None));
+        assert_eq!(cache.get(&hash_of("never seen"), later), None);
+        let expired = start + ttl;
+        assert_eq!(cache.get(&hash_of("real"), expired), None);
+        assert_eq!(cache.get(&hash_of("bogus"), expired), None);
+    }
+
+    #[test]
+    fn a_flood_of_bogus_keys_never_pushes_out_a_real_one() {
+        let now = Instant::now();
+        let mut cache = KeyCache::new(Duration::from_secs(5));
+        cache.remember(hash_of("real"), Some(caller(1)), now);
+        for i in 0..3 * MAX_CACHED_KEYS {
+            cache.remember(hash_of(&format!("bogus-{i}")), None, now);
+        }
+        assert!(cache.unknown.len() <= MAX_CACHED_KEYS);
+        assert_eq!(cache.get(&hash_of("real"), now), Some(Some(caller(1))));
+    }
+
+    #[test]
+    fn a_revoked_key_stops_being_verified_on_its_next_lookup() {
+        let now = Instant::now();
+        let mut cache = KeyCache::new(Duration::from_secs(5));
+        cache.remember(hash_of("k"), Some(caller(1)), now);
+        cache.remember(hash_of("k"), None, now);
+        assert_eq!(cache.get(&hash_of("k"), now), Some(None));
+        cache.remember(hash_of("k"), Some(caller(1)), now);
+        assert_eq!(cache.get(&hash_of("k"), now), Some(Some(caller(1))));
     }
 }
