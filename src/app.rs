@@ -18,7 +18,7 @@ use crate::config::ServerConfig;
 use crate::domain::{Clock, SystemClock};
 use crate::error::Error;
 use crate::grpc::auth::AuthLayer;
-use crate::grpc::limits::{DeadlineLayer, ShedLayer, oversized_request_status};
+use crate::grpc::limits::{DeadlineLayer, ShedLayer, unreadable_request_status};
 use crate::grpc::metrics::MetricsLayer;
 use crate::grpc::{CheckoutApi, MemberApi, ProgramApi};
 use crate::pb::checkout_service_server::CheckoutServiceServer;
@@ -183,7 +183,9 @@ impl Application {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(1024))
             .layer(MetricsLayer::new(metrics.clone()))
-            .layer(tower::util::MapResponseLayer::new(oversized_request_status))
+            .layer(tower::util::MapResponseLayer::new(
+                unreadable_request_status,
+            ))
             .layer(DeadlineLayer::new(config.request_timeout))
             .layer(ShedLayer::new(config.max_in_flight, config.queue_timeout))
             .layer(AuthLayer::new(authenticator))
