@@ -10,6 +10,12 @@ use crate::domain::program::{BASE_MULTIPLIER_BP, ProgramRules, Promotion};
 use crate::domain::purchase::Basket;
 use crate::error::Error;
 
+/// The most points one purchase may earn. A balance holds up to `i64::MAX` (about 9.2 × 10^18),
+/// so a customer can take thousands of purchases at this cap before the balance is full; without
+/// it, one purchase under an extreme (but valid) program could fill the balance and block every
+/// later purchase of that customer.
+pub const MAX_POINTS_PER_PURCHASE: i64 = 1_000_000_000_000_000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Earn {
     pub points: i64,
@@ -62,7 +68,14 @@ pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Error> {
     let denominator =
         i128::from(rules.earn_rate.currency_units) * rules.currency.minor_per_unit() * bp * bp;
     let points = i64::try_from(numerator / denominator)
-        .map_err(|_| Error::invalid("total_minor", "earns more points than a balance can hold"))?;
+        .ok()
+        .filter(|points| *points <= MAX_POINTS_PER_PURCHASE)
+        .ok_or_else(|| {
+            Error::invalid(
+                "total_minor",
+                format!("earns more than {MAX_POINTS_PER_PURCHASE} points, the most one purchase may earn"),
+            )
+        })?;
 
     let applied_promotion_ids = rules
         .promotions
@@ -285,6 +298,27 @@ mod tests {
         let mut b = basket(&[("x", MAX_AMOUNT_MINOR)]);
         b.currency = rules.currency;
         match earn(&rules, &b) {
+            Err(Error::InvalidArgument(v)) => assert_eq!(v[0].field, "total_minor"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_purchase_earns_at_most_the_cap() {
+        let mut rules = ProgramRules::default_for(Currency::parse("c", "JPY").unwrap());
+        rules.earn_rate = EarnRate {
+            points: 1_000,
+            currency_units: 1,
+        };
+        let mut at_cap = basket(&[("", MAX_POINTS_PER_PURCHASE / 1_000)]);
+        at_cap.currency = rules.currency;
+        assert_eq!(
+            earn(&rules, &at_cap).unwrap().points,
+            MAX_POINTS_PER_PURCHASE
+        );
+        let mut over = basket(&[("", MAX_POINTS_PER_PURCHASE / 1_000 + 1)]);
+        over.currency = rules.currency;
+        match earn(&rules, &over) {
             Err(Error::InvalidArgument(v)) => assert_eq!(v[0].field, "total_minor"),
             other => panic!("{other:?}"),
         }
