@@ -104,65 +104,86 @@ impl Authenticator {
     }
 }
 
-/// Looked-up keys, verified and unknown ones apart, each with the time of its lookup. A flood
-/// of bogus keys fills (and, when full, clears) only its own half, never pushing out the keys
-/// of real callers.
+/// Looked-up keys, verified and unknown ones apart. A flood of bogus keys fills (and, when
+/// full, clears) only its own half, never pushing out the keys of real callers.
 struct KeyCache {
-    ttl: Duration,
-    verified: HashMap<KeyHash, (Caller, Instant)>,
-    unknown: HashMap<KeyHash, Instant>,
+    verified: Lookups<Caller>,
+    unknown: Lookups<()>,
 }
 
 impl KeyCache {
     fn new(ttl: Duration) -> KeyCache {
         KeyCache {
-            ttl,
-            verified: HashMap::new(),
-            unknown: HashMap::new(),
+            verified: Lookups::new(ttl),
+            unknown: Lookups::new(ttl),
         }
     }
 
     /// `Some(Some(caller))`: a verified key; `Some(None)`: a known unknown key; `None`: not
     /// looked up within the TTL.
     fn get(&self, hash: &KeyHash, now: Instant) -> Option<Option<Caller>> {
-        let fresh = |checked_at: Instant| now.saturating_duration_since(checked_at) < self.ttl;
-        if let Some((caller, checked_at)) = self.verified.get(hash)
-            && fresh(*checked_at)
-        {
-            return Some(Some(*caller));
+        if let Some(caller) = self.verified.get(hash, now) {
+            return Some(Some(caller));
         }
-        match self.unknown.get(hash) {
-            Some(checked_at) if fresh(*checked_at) => Some(None),
+        self.unknown.get(hash, now).map(|()| None)
+    }
+
+    fn remember(&mut self, hash: KeyHash, caller: Option<Caller>, now: Instant) {
+        match caller {
+            Some(caller) => {
+                self.unknown.remove(&hash);
+                self.verified.insert(hash, caller, now);
+            }
+            None => {
+                self.verified.remove(&hash);
+                self.unknown.insert(hash, (), now);
+            }
+        }
+    }
+}
+
+/// Lookup results with the time of their lookup, valid for the TTL, at most
+/// [`MAX_CACHED_KEYS`] of them.
+struct Lookups<V> {
+    ttl: Duration,
+    entries: HashMap<KeyHash, (V, Instant)>,
+}
+
+impl<V: Copy> Lookups<V> {
+    fn new(ttl: Duration) -> Lookups<V> {
+        Lookups {
+            ttl,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&self, hash: &KeyHash, now: Instant) -> Option<V> {
+        match self.entries.get(hash) {
+            Some((value, checked_at)) if is_fresh(*checked_at, now, self.ttl) => Some(*value),
             _ => None,
         }
     }
 
-    fn remember(&mut self, hash: KeyHash, caller: Option<Caller>, now: Instant) {
-        let ttl = self.ttl;
-        let fresh = |checked_at: &Instant| now.saturating_duration_since(*checked_at) < ttl;
-        match caller {
-            Some(caller) => {
-                self.unknown.remove(&hash);
-                if self.verified.len() >= MAX_CACHED_KEYS {
-                    self.verified.retain(|_, (_, checked_at)| fresh(checked_at));
-                    if self.verified.len() >= MAX_CACHED_KEYS {
-                        self.verified.clear();
-                    }
-                }
-                self.verified.insert(hash, (caller, now));
-            }
-            None => {
-                self.verified.remove(&hash);
-                if self.unknown.len() >= MAX_CACHED_KEYS {
-                    self.unknown.retain(|_, checked_at| fresh(checked_at));
-                    if self.unknown.len() >= MAX_CACHED_KEYS {
-                        self.unknown.clear();
-                    }
-                }
-                self.unknown.insert(hash, now);
+    fn remove(&mut self, hash: &KeyHash) {
+        self.entries.remove(hash);
+    }
+
+    /// Makes room by dropping expired entries first, everything if that is not enough.
+    fn insert(&mut self, hash: KeyHash, value: V, now: Instant) {
+        if self.entries.len() >= MAX_CACHED_KEYS {
+            let ttl = self.ttl;
+            self.entries
+                .retain(|_, (_, checked_at)| is_fresh(*checked_at, now, ttl));
+            if self.entries.len() >= MAX_CACHED_KEYS {
+                self.entries.clear();
             }
         }
+        self.entries.insert(hash, (value, now));
     }
+}
+
+fn is_fresh(checked_at: Instant, now: Instant, ttl: Duration) -> bool {
+    now.saturating_duration_since(checked_at) < ttl
 }
 
 #[cfg(test)]
@@ -207,7 +228,7 @@ mod tests {
         for i in 0..3 * MAX_CACHED_KEYS {
             cache.remember(hash_of(&format!("bogus-{i}")), None, now);
         }
-        assert!(cache.unknown.len() <= MAX_CACHED_KEYS);
+        assert!(cache.unknown.entries.len() <= MAX_CACHED_KEYS);
         assert_eq!(cache.get(&hash_of("real"), now), Some(Some(caller(1))));
     }
 
