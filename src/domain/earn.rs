@@ -282,45 +282,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn extreme_inputs_never_overflow() {
+    /// A yen program (no minor units) earning `points` per yen.
+    fn yen_rules(points: u32) -> ProgramRules {
         let mut rules = ProgramRules::default_for(Currency::parse("c", "JPY").unwrap());
         rules.earn_rate = EarnRate {
-            points: 1_000_000,
+            points,
             currency_units: 1,
         };
         rules
-            .category_multipliers
-            .insert("x".into(), MAX_MULTIPLIER_BP);
-        rules
-            .promotions
-            .push(promotion("max", MAX_MULTIPLIER_BP, 0, 23, &[]));
-        let mut b = basket(&[("x", MAX_AMOUNT_MINOR)]);
-        b.currency = rules.currency;
-        match earn(&rules, &b) {
+    }
+
+    /// A basket of one line of `amount` yen in `category`.
+    fn yen_basket(category: &str, amount: i64) -> Basket {
+        let mut b = basket(&[(category, amount)]);
+        b.currency = Currency::parse("c", "JPY").unwrap();
+        b
+    }
+
+    fn assert_refused_on_total(result: Result<Earn, Error>) {
+        match result {
             Err(Error::InvalidArgument(v)) => assert_eq!(v[0].field, "total_minor"),
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
+    fn extreme_inputs_never_overflow() {
+        let mut rules = yen_rules(1_000_000);
+        rules
+            .category_multipliers
+            .insert("x".into(), MAX_MULTIPLIER_BP);
+        rules
+            .promotions
+            .push(promotion("max", MAX_MULTIPLIER_BP, 0, 23, &[]));
+        assert_refused_on_total(earn(&rules, &yen_basket("x", MAX_AMOUNT_MINOR)));
+    }
+
+    #[test]
     fn one_purchase_earns_at_most_the_cap() {
-        let mut rules = ProgramRules::default_for(Currency::parse("c", "JPY").unwrap());
-        rules.earn_rate = EarnRate {
-            points: 1_000,
-            currency_units: 1,
-        };
-        let mut at_cap = basket(&[("", MAX_POINTS_PER_PURCHASE / 1_000)]);
-        at_cap.currency = rules.currency;
+        let rules = yen_rules(1_000);
+        let at_cap = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000);
         assert_eq!(
             earn(&rules, &at_cap).unwrap().points,
             MAX_POINTS_PER_PURCHASE
         );
-        let mut over = basket(&[("", MAX_POINTS_PER_PURCHASE / 1_000 + 1)]);
-        over.currency = rules.currency;
-        match earn(&rules, &over) {
-            Err(Error::InvalidArgument(v)) => assert_eq!(v[0].field, "total_minor"),
-            other => panic!("{other:?}"),
-        }
+        let over = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000 + 1);
+        assert_refused_on_total(earn(&rules, &over));
     }
 }
