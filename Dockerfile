@@ -4,13 +4,16 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
+# The workspace's members (benchmark, test kit) must be present for cargo to read the
+# workspace, but only the service is built.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+COPY crates ./crates
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked --bin loyalty || true
+    && cargo build --release --locked -p loyalty --bin loyalty || true
 COPY migrations ./migrations
 COPY src ./src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin loyalty
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p loyalty --bin loyalty
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

@@ -15,7 +15,7 @@ export DATABASE_URL="${DATABASE_URL:-$(database_url loyalty)}"
 export REDIS_URL
 
 log "building (release)"
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml" -p loyalty
 BIN="$ROOT/target/release/loyalty"
 "$BIN" migrate >/dev/null
 

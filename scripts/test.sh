@@ -21,4 +21,4 @@ psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname L
 
 cd "$ROOT"
 log "running the tests"
-cargo test --locked "$@"
+cargo test --workspace --locked "$@"

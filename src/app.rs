@@ -1,8 +1,13 @@
-//! Assembles the server: storage, cache, use cases, gRPC services and layers, health,
-//! reflection, metrics endpoint and background jobs; runs it until a shutdown future fires.
+//! Assembles the server: the shared parts, every feature's service from its declaration,
+//! health, reflection, the layers, the metrics endpoint and the background jobs; runs it until
+//! a shutdown future fires.
 //!
 //! `Application::build` binds the listeners first (port 0 works), so tests and the benchmark
 //! know the addresses before the server runs.
+//!
+//! Adding a service: a feature folder that declares it (see `points/mod.rs`), and one line in
+//! [`loyalty_services`]. Its health status, scope table entries, limits and metrics labels all
+//! follow from the declaration.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,41 +15,85 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::access::Authenticator;
 use crate::config::ServerConfig;
-use crate::domain::{Clock, SystemClock};
 use crate::error::Error;
-use crate::grpc::auth::AuthLayer;
-use crate::grpc::limits::{DeadlineLayer, ShedLayer, unreadable_request_status};
-use crate::grpc::metrics::MetricsLayer;
-use crate::grpc::{CheckoutApi, MemberApi, ProgramApi};
-use crate::pb::checkout_service_server::CheckoutServiceServer;
-use crate::pb::member_service_server::MemberServiceServer;
-use crate::pb::program_service_server::ProgramServiceServer;
-use crate::service::Loyalty;
-use crate::service::auth::Authenticator;
-use crate::storage::Store;
-use crate::storage::cache::Cache;
+use crate::platform::Parts;
+use crate::platform::cache::Cache;
+use crate::platform::cache_repair::Publisher;
+use crate::platform::clock::{Clock, SystemClock};
+use crate::platform::layers::auth::AuthLayer;
+use crate::platform::layers::deadline::DeadlineLayer;
+use crate::platform::layers::metrics::MetricsLayer;
+use crate::platform::layers::request_span::RequestSpanLayer;
+use crate::platform::layers::shed::ShedLayer;
+use crate::platform::layers::streams::StreamsLayer;
+use crate::platform::layers::unreadable::unreadable_request_status;
+use crate::platform::service::{Access, Declaration, Method, MethodTable, Service};
+use crate::platform::store::Store;
+use crate::programs::ProgramCache;
 use crate::telemetry::Metrics;
-use crate::{jobs, pb};
+use crate::{jobs, members, pb, points, programs};
 
-/// The services the health endpoint reports on, besides the overall "" entry.
-const HEALTH_SERVICES: &[&str] = &[
-    "loyalty.v1.CheckoutService",
-    "loyalty.v1.MemberService",
-    "loyalty.v1.ProgramService",
+/// Every service of the loyalty API, built from the shared parts. Adding a service: a
+/// feature folder, and one line here.
+fn loyalty_services(parts: &Parts, program_cache: &ProgramCache) -> Vec<Service> {
+    vec![
+        points::service(parts, program_cache),
+        members::service(parts, program_cache),
+        programs::service(parts, program_cache),
+    ]
+}
+
+/// gRPC health: public; `Watch` is a stream.
+const HEALTH: Declaration = Declaration {
+    name: "grpc.health.v1.Health",
+    methods: &[
+        Method::unary("Check", Access::Public),
+        Method::streaming("Watch", Access::Public),
+    ],
+    reports_health: false,
+};
+
+/// gRPC reflection, both versions in use: public streams.
+const REFLECTION: [Declaration; 2] = [
+    Declaration {
+        name: "grpc.reflection.v1.ServerReflection",
+        methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
+        reports_health: false,
+    },
+    Declaration {
+        name: "grpc.reflection.v1alpha.ServerReflection",
+        methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
+        reports_health: false,
+    },
 ];
+
+/// The declarations of everything the server serves: its services, health and reflection.
+fn declarations(services: &[Service]) -> Vec<Declaration> {
+    services
+        .iter()
+        .map(|service| service.declaration)
+        .chain([HEALTH])
+        .chain(REFLECTION)
+        .collect()
+}
 
 pub struct Application {
     config: ServerConfig,
     grpc_listener: TcpListener,
     metrics_listener: Option<TcpListener>,
-    loyalty: Loyalty,
+    parts: Parts,
+    program_cache: ProgramCache,
     metrics: Metrics,
     authenticator: Arc<Authenticator>,
+    /// Services added by the embedder (the test kit's streaming probe).
+    extra_services: Vec<Service>,
 }
 
 impl Application {
@@ -80,15 +129,30 @@ impl Application {
             config.key_cache_ttl,
             config.rate_limit,
         ));
-        let loyalty = Loyalty::new(store, cache, clock);
+        let parts = Parts {
+            publisher: Publisher::new(store.clone(), cache.clone()),
+            store,
+            cache,
+            clock,
+            max_message_bytes: config.max_message_bytes,
+        };
         Ok(Application {
             config,
             grpc_listener,
             metrics_listener,
-            loyalty,
+            parts,
+            program_cache: ProgramCache::default(),
             metrics,
             authenticator,
+            extra_services: Vec::new(),
         })
+    }
+
+    /// Serves `service` beside the loyalty API, under the same layers (for tests: a
+    /// streaming probe).
+    pub fn with_service(mut self, service: Service) -> Application {
+        self.extra_services.push(service);
+        self
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -103,8 +167,17 @@ impl Application {
             .and_then(|l| l.local_addr().ok())
     }
 
-    pub fn loyalty(&self) -> &Loyalty {
-        &self.loyalty
+    pub fn store(&self) -> &Store {
+        &self.parts.store
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.parts.cache
+    }
+
+    /// The cache's publisher and repairer (tests run a repair pass by hand).
+    pub fn publisher(&self) -> &Publisher {
+        &self.parts.publisher
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -121,19 +194,32 @@ impl Application {
             config,
             grpc_listener,
             metrics_listener,
-            loyalty,
+            parts,
+            program_cache,
             metrics,
             authenticator,
+            extra_services,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (draining_tx, draining_rx) = watch::channel(false);
         let mut background = Vec::new();
+
+        let mut services = loyalty_services(&parts, &program_cache);
+        services.extend(extra_services);
+        let declarations = declarations(&services);
+        let methods = Arc::new(MethodTable::new(&declarations));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let probe = HealthProbe {
-            store: loyalty.store().clone(),
+            store: parts.store.clone(),
             reporter: health_reporter,
             metrics: metrics.clone(),
             max_connections: config.database.max_connections,
+            services: declarations
+                .iter()
+                .filter(|d| d.reports_health)
+                .map(|d| d.name)
+                .collect(),
         };
         // Every service has a status before the first request can arrive.
         probe.run().await;
@@ -145,36 +231,34 @@ impl Application {
                 async move { probe.run().await }
             },
         ));
-        background.push(jobs::cache_repair(loyalty.clone(), stop_rx.clone()));
+        background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
 
         if let Some(listener) = metrics_listener {
             background.push(serve_metrics(listener, metrics.clone(), stop_rx.clone()));
         }
 
+        let max_message = config.max_message_bytes;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(Error::internal)?;
+            .map_err(Error::internal)?
+            .max_decoding_message_size(max_message);
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .map_err(Error::internal)?;
+            .map_err(Error::internal)?
+            .max_decoding_message_size(max_message);
 
-        let max_message = config.max_message_bytes;
-        let checkout = CheckoutServiceServer::new(CheckoutApi {
-            loyalty: loyalty.clone(),
-        })
-        .max_decoding_message_size(max_message);
-        let member = MemberServiceServer::new(MemberApi {
-            loyalty: loyalty.clone(),
-        })
-        .max_decoding_message_size(max_message);
-        let program = ProgramServiceServer::new(ProgramApi {
-            loyalty: loyalty.clone(),
-        })
-        .max_decoding_message_size(max_message);
+        let mut routes = RoutesBuilder::default();
+        routes
+            .add_service(health_service.max_decoding_message_size(max_message))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        for service in services {
+            service.add_to(&mut routes);
+        }
 
         let addr = grpc_listener.local_addr().map_err(Error::internal)?;
         let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -182,22 +266,27 @@ impl Application {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(1024))
-            .layer(MetricsLayer::new(metrics.clone()))
+            .layer(RequestSpanLayer)
+            .layer(MetricsLayer::new(metrics.clone(), methods.clone()))
             .layer(tower::util::MapResponseLayer::new(
                 unreadable_request_status,
             ))
-            .layer(DeadlineLayer::new(config.request_timeout))
-            .layer(ShedLayer::new(config.max_in_flight, config.queue_timeout))
-            .layer(AuthLayer::new(authenticator))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(checkout)
-            .add_service(member)
-            .add_service(program);
+            .layer(DeadlineLayer::new(config.request_timeout, methods.clone()))
+            .layer(ShedLayer::new(
+                config.max_in_flight,
+                config.queue_timeout,
+                methods.clone(),
+            ))
+            .layer(AuthLayer::new(authenticator, methods.clone()))
+            .layer(StreamsLayer::new(
+                config.max_streams,
+                methods.clone(),
+                draining_rx.clone(),
+            ))
+            .add_routes(routes.routes());
 
-        tracing::info!(%addr, cache = loyalty.cache().is_enabled(), "serving gRPC");
-        let (draining_tx, mut draining_rx) = watch::channel(false);
+        tracing::info!(%addr, cache = parts.cache.is_enabled(), "serving gRPC");
+        let mut draining = draining_rx;
         let signal = async move {
             shutdown.await;
             let _ = draining_tx.send(true);
@@ -207,7 +296,7 @@ impl Application {
         let result = tokio::select! {
             result = serve => result.map_err(Error::internal),
             _ = async {
-                let _ = draining_rx.wait_for(|draining| *draining).await;
+                let _ = draining.wait_for(|draining| *draining).await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
@@ -219,7 +308,7 @@ impl Application {
         for task in background {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
-        loyalty.store().close().await;
+        parts.store.close().await;
         tracing::info!("stopped");
         result
     }
@@ -233,6 +322,8 @@ struct HealthProbe {
     reporter: tonic_health::server::HealthReporter,
     metrics: Metrics,
     max_connections: u32,
+    /// The services that report a status, besides the overall "" entry.
+    services: Vec<&'static str>,
 }
 
 impl HealthProbe {
@@ -246,7 +337,7 @@ impl HealthProbe {
         } else {
             ServingStatus::NotServing
         };
-        for service in std::iter::once("").chain(HEALTH_SERVICES.iter().copied()) {
+        for service in std::iter::once("").chain(self.services.iter().copied()) {
             self.reporter.set_service_status(service, status).await;
         }
         let (open, idle) = self.store.pool_usage();
@@ -302,4 +393,115 @@ fn serve_metrics(
             tracing::error!(%error, "metrics endpoint failed");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prost::Message;
+
+    use super::*;
+    use crate::platform::caller::Scope;
+    use crate::platform::store::DatabaseConfig;
+
+    /// The services as `run_until` builds them (no connection is made).
+    fn services() -> Vec<Service> {
+        let store = Store::connect_lazy(&DatabaseConfig {
+            url: "postgres://nobody@127.0.0.1:1/none".into(),
+            max_connections: 1,
+            acquire_timeout: Duration::from_millis(10),
+            statement_timeout: Duration::from_millis(10),
+        })
+        .unwrap();
+        let cache = Cache::disabled();
+        let parts = Parts {
+            publisher: Publisher::new(store.clone(), cache.clone()),
+            store,
+            cache,
+            clock: Arc::new(SystemClock),
+            max_message_bytes: 1024,
+        };
+        loyalty_services(&parts, &ProgramCache::default())
+    }
+
+    #[tokio::test]
+    async fn scopes_by_method() {
+        let table = MethodTable::new(&declarations(&services()));
+        let allows = |path: &str, scope: Scope| match table.access(path) {
+            Access::Scopes(scopes) => scopes.contains(&scope),
+            Access::Public => panic!("{path} is public"),
+        };
+        assert_eq!(table.access("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(
+            table.access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Access::Public
+        );
+        assert!(allows(
+            "/loyalty.v1.CheckoutService/RecordPurchase",
+            Scope::Pos
+        ));
+        assert!(!allows(
+            "/loyalty.v1.CheckoutService/RecordPurchase",
+            Scope::App
+        ));
+        assert!(allows("/loyalty.v1.MemberService/GetBalance", Scope::App));
+        assert!(!allows(
+            "/loyalty.v1.MemberService/EnrollCustomer",
+            Scope::App
+        ));
+        assert!(allows(
+            "/loyalty.v1.MemberService/EnrollCustomer",
+            Scope::Pos
+        ));
+        assert!(!allows(
+            "/loyalty.v1.ProgramService/UpdateProgram",
+            Scope::Pos
+        ));
+        assert!(allows(
+            "/loyalty.v1.ProgramService/UpdateProgram",
+            Scope::Admin
+        ));
+        assert!(!allows(
+            "/loyalty.v1.CheckoutService/RecordPurchase",
+            Scope::Scheduler
+        ));
+        assert!(allows("/loyalty.v2.Anything/Else", Scope::Admin));
+        assert!(!allows("/loyalty.v2.Anything/Else", Scope::Pos));
+    }
+
+    /// A method added to a proto but not to its feature's declaration would get no scopes;
+    /// this keeps the two equal.
+    #[tokio::test]
+    async fn every_rpc_of_the_api_is_declared_once_with_its_kind() {
+        let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+        let mut in_proto = BTreeSet::new();
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                for method in &service.method {
+                    let streaming = method.server_streaming() || method.client_streaming();
+                    in_proto.insert((
+                        format!("{package}.{}", service.name()),
+                        method.name().to_string(),
+                        streaming,
+                    ));
+                }
+            }
+        }
+        let declared: BTreeSet<_> = services()
+            .iter()
+            .flat_map(|service| {
+                let name = service.declaration.name;
+                service.declaration.methods.iter().map(move |method| {
+                    (
+                        name.to_string(),
+                        method.name.to_string(),
+                        method.kind == crate::platform::service::Kind::Streaming,
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(declared, in_proto);
+    }
 }

@@ -1,16 +1,41 @@
 //! Command line and environment. Every flag has a `LOYALTY_*` (or the conventional
 //! `DATABASE_URL` / `REDIS_URL`) environment fallback and a default that works on a developer
-//! machine.
+//! machine. Values are validated, never clamped: one out of range is a start-up error naming
+//! the variable, its value and the range.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::domain::rate_limit::RateLimit;
-use crate::storage::DatabaseConfig;
-use crate::storage::cache::CacheConfig;
+use crate::platform::cache::CacheConfig;
+use crate::platform::rate_limit::RateLimit;
+use crate::platform::store::DatabaseConfig;
 use crate::telemetry::LogFormat;
+
+/// Checks that a setting lies in `min..=max`; the error names its environment variable.
+fn within<T: PartialOrd + std::fmt::Display>(
+    variable: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    if value < min || value > max {
+        Err(format!(
+            "{variable}={value} is out of range: it must be between {min} and {max}"
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+fn millis(variable: &str, value: u64, min: u64, max: u64) -> Result<Duration, String> {
+    within(variable, value, min, max).map(Duration::from_millis)
+}
+
+fn secs(variable: &str, value: u64, min: u64, max: u64) -> Result<Duration, String> {
+    within(variable, value, min, max).map(Duration::from_secs)
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -128,13 +153,30 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    pub fn config(&self) -> DatabaseConfig {
-        DatabaseConfig {
+    pub fn config(&self) -> Result<DatabaseConfig, String> {
+        Ok(DatabaseConfig {
             url: self.database_url.clone(),
-            max_connections: self.db_max_connections.max(1),
-            acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
-            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
-        }
+            max_connections: within(
+                "LOYALTY_DB_MAX_CONNECTIONS",
+                self.db_max_connections,
+                1,
+                10_000,
+            )?,
+            acquire_timeout: millis(
+                "LOYALTY_DB_ACQUIRE_TIMEOUT_MS",
+                self.db_acquire_timeout_ms,
+                1,
+                600_000,
+            )?,
+            // 0 would mean "no limit" to PostgreSQL; a hung statement must not hold a
+            // connection for ever.
+            statement_timeout: millis(
+                "LOYALTY_DB_STATEMENT_TIMEOUT_MS",
+                self.db_statement_timeout_ms,
+                1,
+                3_600_000,
+            )?,
+        })
     }
 }
 
@@ -187,6 +229,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
 
+    /// Streams open at once (health watches, reflection, event streams), in a pool of their
+    /// own; beyond it a new stream is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOYALTY_MAX_STREAMS", default_value_t = 1000)]
+    pub max_streams: usize,
+
     /// How long a request may wait for a free slot before RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOYALTY_QUEUE_TIMEOUT_MS", default_value_t = 250)]
     pub queue_timeout_ms: u64,
@@ -222,6 +269,7 @@ pub struct ServerConfig {
     pub key_cache_ttl: Duration,
     pub rate_limit: Option<RateLimit>,
     pub max_in_flight: usize,
+    pub max_streams: usize,
     pub queue_timeout: Duration,
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
@@ -242,29 +290,80 @@ impl ServeArgs {
                     format!("LOYALTY_METRICS_LISTEN {:?}: {e}", self.metrics_listen)
                 })?)
             };
+        let rate_limit = match within("LOYALTY_RATE_LIMIT_RPS", self.rate_limit_rps, 0, 10_000_000)?
+        {
+            0 => None,
+            per_second => Some(RateLimit {
+                per_second,
+                burst: within(
+                    "LOYALTY_RATE_LIMIT_BURST",
+                    self.rate_limit_burst,
+                    1,
+                    100_000_000,
+                )?,
+            }),
+        };
         Ok(ServerConfig {
             listen: self.listen,
             metrics_listen,
-            database: self.database.config(),
+            database: self.database.config()?,
             cache: CacheConfig {
                 url: Some(self.redis_url.clone()).filter(|u| !u.trim().is_empty()),
                 key_prefix: self.redis_prefix.clone(),
-                ttl: Duration::from_secs(self.cache_ttl_secs.max(1)),
-                timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
-                cool_down: Duration::from_millis(self.redis_cool_down_ms),
+                ttl: secs(
+                    "LOYALTY_CACHE_TTL_SECS",
+                    self.cache_ttl_secs,
+                    1,
+                    30 * 86_400,
+                )?,
+                timeout: millis("LOYALTY_REDIS_TIMEOUT_MS", self.redis_timeout_ms, 1, 60_000)?,
+                cool_down: millis(
+                    "LOYALTY_REDIS_COOL_DOWN_MS",
+                    self.redis_cool_down_ms,
+                    0,
+                    600_000,
+                )?,
             },
-            key_cache_ttl: Duration::from_millis(self.key_cache_ttl_ms),
-            rate_limit: (self.rate_limit_rps > 0).then_some(RateLimit {
-                per_second: self.rate_limit_rps,
-                burst: self.rate_limit_burst.max(1),
-            }),
-            max_in_flight: self.max_in_flight.max(1),
-            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
-            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
-            max_message_bytes: self.max_message_bytes.max(1024),
-            health_interval: Duration::from_millis(self.health_interval_ms.max(10)),
-            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
-            startup_timeout: Duration::from_secs(self.startup_timeout_secs),
+            key_cache_ttl: millis(
+                "LOYALTY_KEY_CACHE_TTL_MS",
+                self.key_cache_ttl_ms,
+                0,
+                3_600_000,
+            )?,
+            rate_limit,
+            max_in_flight: within("LOYALTY_MAX_IN_FLIGHT", self.max_in_flight, 1, 1_000_000)?,
+            max_streams: within("LOYALTY_MAX_STREAMS", self.max_streams, 1, 1_000_000)?,
+            queue_timeout: millis("LOYALTY_QUEUE_TIMEOUT_MS", self.queue_timeout_ms, 0, 60_000)?,
+            request_timeout: millis(
+                "LOYALTY_REQUEST_TIMEOUT_MS",
+                self.request_timeout_ms,
+                1,
+                3_600_000,
+            )?,
+            max_message_bytes: within(
+                "LOYALTY_MAX_MESSAGE_BYTES",
+                self.max_message_bytes,
+                1024,
+                64 * 1024 * 1024,
+            )?,
+            health_interval: millis(
+                "LOYALTY_HEALTH_INTERVAL_MS",
+                self.health_interval_ms,
+                10,
+                600_000,
+            )?,
+            shutdown_grace: secs(
+                "LOYALTY_SHUTDOWN_GRACE_SECS",
+                self.shutdown_grace_secs,
+                0,
+                3600,
+            )?,
+            startup_timeout: secs(
+                "LOYALTY_STARTUP_TIMEOUT_SECS",
+                self.startup_timeout_secs,
+                0,
+                3600,
+            )?,
             migrate: true,
         })
     }
@@ -307,5 +406,42 @@ mod tests {
         assert!(config.cache.url.is_none());
         assert!(config.metrics_listen.is_none());
         assert!(config.rate_limit.is_none());
+    }
+
+    fn serve_args(extra: &[&str]) -> Box<ServeArgs> {
+        let cli = Cli::try_parse_from(["loyalty", "serve"].iter().chain(extra)).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        args
+    }
+
+    #[test]
+    fn out_of_range_values_are_errors_naming_the_variable_not_clamped() {
+        for (flag, value, variable) in [
+            ("--max-message-bytes", "100", "LOYALTY_MAX_MESSAGE_BYTES"),
+            ("--db-max-connections", "0", "LOYALTY_DB_MAX_CONNECTIONS"),
+            (
+                "--db-statement-timeout-ms",
+                "0",
+                "LOYALTY_DB_STATEMENT_TIMEOUT_MS",
+            ),
+            ("--cache-ttl-secs", "0", "LOYALTY_CACHE_TTL_SECS"),
+            ("--max-in-flight", "0", "LOYALTY_MAX_IN_FLIGHT"),
+            ("--max-streams", "0", "LOYALTY_MAX_STREAMS"),
+            ("--request-timeout-ms", "0", "LOYALTY_REQUEST_TIMEOUT_MS"),
+            ("--health-interval-ms", "1", "LOYALTY_HEALTH_INTERVAL_MS"),
+            ("--rate-limit-burst", "0", "LOYALTY_RATE_LIMIT_BURST"),
+        ] {
+            let error = serve_args(&[flag, value]).config().unwrap_err();
+            assert!(
+                error.starts_with(&format!("{variable}={value} is out of range")),
+                "{flag} {value}: {error}"
+            );
+        }
+        let config = serve_args(&["--max-message-bytes", "1024"])
+            .config()
+            .unwrap();
+        assert_eq!(config.max_message_bytes, 1024);
     }
 }

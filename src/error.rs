@@ -1,16 +1,21 @@
 //! The one error type of the service, and the single place where it becomes a `tonic::Status`.
 //!
-//! Storage maps database and cache failures into it (`storage::db_error`), rules return
-//! `InvalidArgument` with the offending fields, and handlers only ever `?` it.
+//! The store maps database failures into it (`platform::store::db_error`), rules return
+//! [`Invalid`] (pure, no gRPC) which becomes `InvalidArgument` here, and handlers only ever `?`
+//! it.
 
 use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::domain::validation::Violation;
+use crate::platform::validation::{Invalid, Violation};
+use crate::telemetry::throttle::LogThrottle;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A fault that repeats on every request must not flood the log.
+static INTERNAL_ERRORS: LogThrottle = LogThrottle::per_minute(60);
 
 /// At most this many field violations are sent back (the message still counts them all).
 pub const MAX_REPORTED_VIOLATIONS: usize = 20;
@@ -72,6 +77,19 @@ impl Error {
     }
 }
 
+impl From<Invalid> for Error {
+    fn from(invalid: Invalid) -> Error {
+        Error::InvalidArgument(invalid.0)
+    }
+}
+
+/// Lets handlers `?` a rule's verdict straight into their `Status`.
+impl From<Invalid> for Status {
+    fn from(invalid: Invalid) -> Status {
+        Error::from(invalid).into()
+    }
+}
+
 fn describe(violations: &[Violation]) -> String {
     match violations {
         [] => "request".to_string(),
@@ -113,7 +131,9 @@ impl From<Error> for Status {
                 None => Status::resource_exhausted(message),
             },
             Error::Internal(source) => {
-                tracing::error!(error = %source, "internal error");
+                if let Some(suppressed) = INTERNAL_ERRORS.admit() {
+                    tracing::error!(error = %source, suppressed, "internal error");
+                }
                 Status::internal("internal error")
             }
             other => Status::new(other.code(), other.to_string()),

@@ -1,20 +1,38 @@
 //! Loyalty and retention engine: points, gifts and repeat-purchase status for a merchant's
 //! customers, served over gRPC.
 //!
-//! Data flows one way: [`grpc`] (thin handlers) → [`service`] (use cases) → [`domain`] (pure
-//! rules) and [`storage`] (Postgres, Redis). See `README.md` and `../shared/DESIGN.md`.
+//! The code is laid out by feature: one folder per feature (`points/`, `members/`,
+//! `programs/`, `access/`, ...), each with the same rooms (`mod.rs` declares its service,
+//! `rules` are pure, `store.rs` holds its SQL, `use_cases.rs` what each RPC does, `grpc.rs` the
+//! thin handlers), on top of `platform/` (store, cache, layers, what every feature shares).
+//! `app.rs` registers every feature's service from its declaration. See `README.md`.
+//!
+//! The public surface used by the benchmark and the test kit is the re-exports below, plus
+//! `pb` (the generated API) and the modules they name.
 
+pub mod access;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod domain;
 pub mod error;
-pub mod grpc;
 pub mod jobs;
+pub mod members;
 pub mod pb;
-pub mod service;
+pub mod platform;
+pub mod points;
+pub mod programs;
 pub mod shutdown;
-pub mod storage;
 pub mod telemetry;
 
+pub use access::{NewKey, create_key, create_merchant, revoke_key};
+pub use app::Application;
+pub use config::ServerConfig;
 pub use error::Error;
+pub use platform::account::AccountState;
+pub use platform::cache::{Cache, CacheConfig, CacheRead, CacheWrite};
+pub use platform::cache_repair::Publisher;
+pub use platform::caller::{MerchantId, Scope};
+pub use platform::rate_limit::RateLimit;
+pub use platform::service::{Access, Declaration, Kind, Method, Service};
+pub use platform::store::{DatabaseConfig, MIGRATOR, Store};
+pub use telemetry::{Metrics, code_name};

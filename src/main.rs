@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Cli::parse();
-    telemetry::init_tracing(args.log_format);
+    let mut spans = telemetry::init_tracing(args.log_format);
     let result = match args.command {
         Command::Serve(serve) => match serve.config() {
             Ok(config) => match Application::build(config).await {
@@ -30,6 +30,9 @@ async fn main() -> ExitCode {
         Command::Key { command } => cli::key(command).await,
         Command::Health { endpoint, service } => cli::health(&endpoint, &service).await,
     };
+    if let Some(spans) = spans.as_mut() {
+        spans.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -19,7 +19,7 @@
 //! `cluster::Op` variants when their RPCs land; `cluster::audit` marks where their rules
 //! (no overdraft through redemption, reservations settled exactly once) get checked.
 
-mod common;
+use loyalty_testkit as common;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::service::Loyalty;
+use crate::platform::cache_repair::Publisher;
 
 /// Repeats `tick` every `every` until `stop` turns true.
 fn every<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, mut tick: F) -> JoinHandle<()>
@@ -32,11 +32,11 @@ where
 }
 
 /// Puts committed state back into the cache where a post-commit cache write failed.
-pub fn cache_repair(loyalty: Loyalty, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn cache_repair(publisher: Publisher, stop: watch::Receiver<bool>) -> JoinHandle<()> {
     every(Duration::from_millis(250), stop, move || {
-        let loyalty = loyalty.clone();
+        let publisher = publisher.clone();
         async move {
-            loyalty.repair_cache().await;
+            publisher.repair_cache().await;
         }
     })
 }

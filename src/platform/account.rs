@@ -1,0 +1,63 @@
+//! A customer's account: the projection of their ledger that checkout, apps and the cache
+//! read. Every feature that changes a balance returns the state after its change, and that
+//! state is what the cache holds (`platform::cache`).
+
+use sqlx::PgConnection;
+
+use crate::error::Error;
+use crate::platform::caller::MerchantId;
+use crate::platform::store::db_error;
+
+/// The account of a customer by external id (the cold balance read).
+pub const ACCOUNT_BY_EXTERNAL_ID: &str = include_str!("sql/account_by_external_id.sql");
+
+/// The hot state of one customer, as stored in Postgres and cached in Redis.
+/// `version` grows on every change, so two copies can always be ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AccountState {
+    pub available: i64,
+    pub pending: i64,
+    pub lifetime_earned: i64,
+    pub lifetime_redeemed: i64,
+    pub purchase_count: i64,
+    pub version: i64,
+}
+
+/// The columns of `accounts` as a statement returns them.
+#[derive(sqlx::FromRow)]
+pub(crate) struct AccountRow {
+    available: i64,
+    pending: i64,
+    lifetime_earned: i64,
+    lifetime_redeemed: i64,
+    purchase_count: i64,
+    version: i64,
+}
+
+impl From<AccountRow> for AccountState {
+    fn from(row: AccountRow) -> Self {
+        AccountState {
+            available: row.available,
+            pending: row.pending,
+            lifetime_earned: row.lifetime_earned,
+            lifetime_redeemed: row.lifetime_redeemed,
+            purchase_count: row.purchase_count,
+            version: row.version,
+        }
+    }
+}
+
+/// The customer's account as committed now; `None` when the customer does not exist.
+pub async fn load(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    external_id: &str,
+) -> Result<Option<AccountState>, Error> {
+    let row: Option<AccountRow> = sqlx::query_as(ACCOUNT_BY_EXTERNAL_ID)
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)?;
+    Ok(row.map(AccountState::from))
+}

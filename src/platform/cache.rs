@@ -1,0 +1,494 @@
+//! The Redis cache of hot customer state. Redis is never the truth: every caller has a
+//! Postgres path, and this module never returns an error, only "no answer".
+//!
+//! * Keys carry a hash tag per customer, `<prefix>:{m<merchant>:c<external id>}:state`, so they
+//!   work unchanged on Redis Cluster. The external id (not our internal id) is in the key so a
+//!   warm read needs no database round trip at all.
+//! * Writes are compare-and-set on the account version (a Lua script): a slow writer holding an
+//!   older version can never overwrite a newer one.
+//! * A write that fails after its Postgres commit leaves a possibly stale copy behind. The key
+//!   is then remembered as *suspect*: reads on this replica skip the cache for it, and the key
+//!   is also noted in Postgres (`cache_repairs`), so the repair job of any replica puts the
+//!   committed state back even if this one dies first (`platform::cache_repair`).
+//! * A failed operation falls back to Postgres for that request only. After a few failures in a
+//!   row the cache is skipped for a short cool-down (a circuit breaker), so a dead or slow Redis
+//!   costs a few timeouts, not one per RPC, while a single slow reply under load does not send
+//!   every read to Postgres at once. When the breaker trips the connection is rebuilt:
+//!   redis-rs's manager reconnects after most failures but can stay stuck on a broken pipe.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::error::Error;
+use crate::platform::account::AccountState;
+use crate::platform::caller::MerchantId;
+use crate::telemetry::Metrics;
+
+/// Keeps the suspect set bounded while Redis is down for long; beyond it the whole cache is
+/// distrusted until every entry written before has expired.
+const MAX_SUSPECTS: usize = 100_000;
+
+/// Failures in a row that open the breaker.
+const TRIP_AFTER_FAILURES: u32 = 3;
+
+const STORE_IF_NEWER: &str = r"
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'a', ARGV[2], 'p', ARGV[3], 'le', ARGV[4],
+           'lr', ARGV[5], 'pc', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 1
+";
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// `None` disables the cache: every read goes to Postgres.
+    pub url: Option<String>,
+    /// First segment of every key, to share one Redis between deployments (or test runs).
+    pub key_prefix: String,
+    pub ttl: Duration,
+    /// Per operation; a slower Redis counts as down.
+    pub timeout: Duration,
+    /// How long the cache is skipped after an error.
+    pub cool_down: Duration,
+}
+
+/// A customer whose cached copy may be stale.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CustomerKey {
+    pub merchant: MerchantId,
+    pub external_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRead {
+    Hit(AccountState),
+    Miss,
+    /// Not asked: disabled, cooling down, the key is suspect, or Redis failed.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheWrite {
+    Stored,
+    /// The cache already held this version or a newer one.
+    RejectedOlder,
+    Failed,
+}
+
+#[derive(Clone)]
+pub struct Cache {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    /// Replaced by a fresh lazy manager after a failure.
+    conn: RwLock<ConnectionManager>,
+    /// Whether the breaker is open or was last opened (to log the transitions only).
+    down: AtomicBool,
+    breaker: Breaker,
+    epoch: Instant,
+    /// Whether any key is suspect (or the whole cache distrusted): lets reads skip the lock.
+    any_suspect: AtomicBool,
+    script: redis::Script,
+    config: CacheConfig,
+    metrics: Metrics,
+    suspects: Mutex<Suspects>,
+}
+
+#[derive(Default)]
+struct Suspects {
+    /// Key → generation, bumped on every new failure, so that a repair only clears the mark
+    /// if no newer failure happened while it ran.
+    keys: HashMap<CustomerKey, u64>,
+    next_generation: u64,
+    /// Set when the set overflowed: nothing cached before this instant + TTL is trusted.
+    distrust_until: Option<Instant>,
+}
+
+impl Cache {
+    pub fn disabled() -> Cache {
+        Cache { inner: None }
+    }
+
+    /// Does not connect: the connection is made on first use and re-made after failures, so
+    /// the service starts and runs with Redis down.
+    pub fn new(config: CacheConfig, metrics: Metrics) -> Result<Cache, Error> {
+        let Some(url) = config.url.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(Cache::disabled());
+        };
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::internal(format!("invalid REDIS_URL: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+            .map_err(|e| Error::internal(format!("redis connection manager: {e}")))?;
+        Ok(Cache {
+            inner: Some(Arc::new(Inner {
+                client,
+                manager_config,
+                conn: RwLock::new(conn),
+                down: AtomicBool::new(false),
+                breaker: Breaker::new(config.cool_down),
+                epoch: Instant::now(),
+                any_suspect: AtomicBool::new(false),
+                script: redis::Script::new(STORE_IF_NEWER),
+                config,
+                metrics,
+                suspects: Mutex::new(Suspects::default()),
+            })),
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// The cached state of a customer, if Redis has a trustworthy one.
+    pub async fn get(&self, merchant: MerchantId, external_id: &str) -> CacheRead {
+        let Some(inner) = &self.inner else {
+            return CacheRead::Skipped;
+        };
+        if inner.cooling_down() || inner.is_suspect(merchant, external_id) {
+            inner.metrics.cache_op("get", "skipped");
+            return CacheRead::Skipped;
+        }
+        let key = inner.key(merchant, external_id);
+        let mut conn = inner.connection();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg(&["v", "a", "p", "le", "lr", "pc"]);
+        let reply = tokio::time::timeout(
+            inner.config.timeout,
+            cmd.query_async::<Vec<Option<i64>>>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(fields)) => match inner.succeeded(fields)[..] {
+                [
+                    Some(version),
+                    Some(available),
+                    Some(pending),
+                    Some(le),
+                    Some(lr),
+                    Some(pc),
+                ] => {
+                    inner.metrics.cache_op("get", "hit");
+                    CacheRead::Hit(AccountState {
+                        available,
+                        pending,
+                        lifetime_earned: le,
+                        lifetime_redeemed: lr,
+                        purchase_count: pc,
+                        version,
+                    })
+                }
+                _ => {
+                    inner.metrics.cache_op("get", "miss");
+                    CacheRead::Miss
+                }
+            },
+            Ok(Err(error)) => {
+                inner.failed("get", &error.to_string());
+                CacheRead::Skipped
+            }
+            Err(_) => {
+                inner.failed("get", "timed out");
+                CacheRead::Skipped
+            }
+        }
+    }
+
+    /// Stores `state` unless the cache holds the same or a newer version.
+    pub async fn put(
+        &self,
+        merchant: MerchantId,
+        external_id: &str,
+        state: &AccountState,
+    ) -> CacheWrite {
+        let Some(inner) = &self.inner else {
+            return CacheWrite::Failed;
+        };
+        if inner.cooling_down() {
+            inner.metrics.cache_op("put", "skipped");
+            return CacheWrite::Failed;
+        }
+        let key = inner.key(merchant, external_id);
+        let mut conn = inner.connection();
+        let mut invocation = inner.script.key(&key);
+        invocation
+            .arg(state.version)
+            .arg(state.available)
+            .arg(state.pending)
+            .arg(state.lifetime_earned)
+            .arg(state.lifetime_redeemed)
+            .arg(state.purchase_count)
+            .arg(inner.config.ttl.as_millis() as u64);
+        let reply = tokio::time::timeout(
+            inner.config.timeout,
+            invocation.invoke_async::<i64>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(stored)) if inner.succeeded(stored) == 1 => {
+                inner.metrics.cache_op("put", "stored");
+                CacheWrite::Stored
+            }
+            Ok(Ok(_)) => {
+                inner.metrics.cache_op("put", "older");
+                CacheWrite::RejectedOlder
+            }
+            Ok(Err(error)) => {
+                inner.failed("put", &error.to_string());
+                CacheWrite::Failed
+            }
+            Err(_) => {
+                inner.failed("put", "timed out");
+                CacheWrite::Failed
+            }
+        }
+    }
+
+    /// After a Postgres commit: publish the new state, or remember (in this replica's memory)
+    /// that the cached copy may now be stale. A disabled cache counts as stored.
+    pub async fn put_after_commit(
+        &self,
+        merchant: MerchantId,
+        external_id: &str,
+        state: &AccountState,
+    ) -> CacheWrite {
+        if self.inner.is_none() {
+            return CacheWrite::Stored;
+        }
+        let written = self.put(merchant, external_id, state).await;
+        if written == CacheWrite::Failed {
+            self.mark_suspect(merchant, external_id);
+        }
+        written
+    }
+
+    pub fn mark_suspect(&self, merchant: MerchantId, external_id: &str) {
+        let Some(inner) = &self.inner else { return };
+        let mut suspects = inner.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        if suspects.keys.len() >= MAX_SUSPECTS {
+            tracing::warn!(
+                "too many possibly stale cache entries; distrusting the cache for one TTL"
+            );
+            suspects.keys.clear();
+            suspects.distrust_until = Some(Instant::now() + inner.config.ttl);
+            inner.any_suspect.store(true, Ordering::Release);
+            return;
+        }
+        suspects.next_generation += 1;
+        let generation = suspects.next_generation;
+        suspects.keys.insert(
+            CustomerKey {
+                merchant,
+                external_id: external_id.to_string(),
+            },
+            generation,
+        );
+        inner.any_suspect.store(true, Ordering::Release);
+    }
+
+    /// The suspect keys with their generations, for the repair job.
+    pub fn suspects(&self) -> Vec<(CustomerKey, u64)> {
+        let Some(inner) = &self.inner else {
+            return Vec::new();
+        };
+        let suspects = inner.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        suspects.keys.iter().map(|(k, g)| (k.clone(), *g)).collect()
+    }
+
+    /// Clears a suspect mark once the committed state is in the cache again, unless a newer
+    /// failure marked it meanwhile.
+    pub fn clear_suspect(&self, key: &CustomerKey, generation: u64) {
+        let Some(inner) = &self.inner else { return };
+        let mut suspects = inner.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        if suspects.keys.get(key) == Some(&generation) {
+            suspects.keys.remove(key);
+        }
+        if suspects.keys.is_empty() && suspects.distrust_until.is_none() {
+            inner.any_suspect.store(false, Ordering::Release);
+        }
+    }
+
+    /// Removes a customer's cached state (used by tests and tools).
+    pub async fn evict(&self, merchant: MerchantId, external_id: &str) -> Result<(), Error> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        let mut conn = inner.connection();
+        redis::cmd("DEL")
+            .arg(inner.key(merchant, external_id))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| Error::Unavailable(format!("redis: {e}")))
+    }
+}
+
+impl Inner {
+    fn key(&self, merchant: MerchantId, external_id: &str) -> String {
+        format!(
+            "{}:{{m{}:c{}}}:state",
+            self.config.key_prefix,
+            merchant.0,
+            escape(external_id)
+        )
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn cooling_down(&self) -> bool {
+        self.breaker.is_open(self.now_ms())
+    }
+
+    fn is_suspect(&self, merchant: MerchantId, external_id: &str) -> bool {
+        if !self.any_suspect.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut suspects = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = suspects.distrust_until {
+            if Instant::now() < until {
+                return true;
+            }
+            suspects.distrust_until = None;
+            if suspects.keys.is_empty() {
+                self.any_suspect.store(false, Ordering::Release);
+            }
+        }
+        !suspects.keys.is_empty()
+            && suspects.keys.contains_key(&CustomerKey {
+                merchant,
+                external_id: external_id.to_string(),
+            })
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn succeeded<T>(&self, value: T) -> T {
+        self.breaker.record_success();
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis reachable again; cache in use");
+        }
+        value
+    }
+
+    /// Counts a failure; after a few in a row, opens the breaker for the cool-down and
+    /// rebuilds the connection.
+    fn failed(&self, op: &'static str, error: &str) {
+        self.metrics.cache_op(op, "error");
+        if !self.breaker.record_failure(self.now_ms()) {
+            return;
+        }
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(op, error, "redis unavailable; serving from postgres");
+        }
+        if let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            *self.conn.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        }
+    }
+}
+
+/// The circuit breaker: opens after [`TRIP_AFTER_FAILURES`] failures in a row, stays open for
+/// the cool-down, then lets operations through again (a further failure re-opens it at once).
+/// Lock-free, because every cache operation asks it. Time is passed in, in milliseconds.
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    /// When the breaker closes again; 0 while closed.
+    open_until_ms: AtomicU64,
+    cool_down_ms: u64,
+}
+
+impl Breaker {
+    fn new(cool_down: Duration) -> Breaker {
+        Breaker {
+            consecutive_failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            cool_down_ms: cool_down.as_millis() as u64,
+        }
+    }
+
+    fn is_open(&self, now_ms: u64) -> bool {
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        until != 0 && now_ms < until
+    }
+
+    fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Returns true when this failure opened the breaker.
+    fn record_failure(&self, now_ms: u64) -> bool {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < TRIP_AFTER_FAILURES || self.is_open(now_ms) {
+            return false;
+        }
+        self.open_until_ms
+            .store((now_ms + self.cool_down_ms).max(1), Ordering::Release);
+        true
+    }
+}
+
+/// Keeps `{`, `}` (the hash-tag delimiters) and `%` out of the key, reversibly.
+fn escape(external_id: &str) -> String {
+    if !external_id.contains(['{', '}', '%']) {
+        return external_id.to_string();
+    }
+    external_id
+        .replace('%', "%25")
+        .replace('{', "%7B")
+        .replace('}', "%7D")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_slow_reply_does_not_open_the_breaker_but_a_dead_redis_does() {
+        let breaker = Breaker::new(Duration::from_millis(1000));
+        assert!(!breaker.record_failure(10));
+        breaker.record_success();
+        assert!(!breaker.record_failure(20));
+        assert!(!breaker.record_failure(30));
+        assert!(!breaker.is_open(30));
+        assert!(
+            breaker.record_failure(40),
+            "the third failure in a row opens it"
+        );
+        assert!(breaker.is_open(41) && breaker.is_open(1039));
+        assert!(!breaker.record_failure(500), "already open");
+        // After the cool-down one operation goes through; if it fails, it opens again at once.
+        assert!(!breaker.is_open(1040));
+        assert!(breaker.record_failure(1050));
+        assert!(breaker.is_open(1051));
+        // A success closes the count.
+        breaker.record_success();
+        assert!(!breaker.record_failure(3000));
+    }
+
+    #[test]
+    fn external_ids_cannot_break_the_hash_tag() {
+        assert_eq!(escape("card-1"), "card-1");
+        assert_eq!(escape("a}b{c%"), "a%7Db%7Bc%25");
+        assert_ne!(escape("%7D"), escape("}"));
+    }
+}

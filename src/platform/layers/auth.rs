@@ -1,0 +1,115 @@
+//! The authentication layer: every request to a method that is not public must carry
+//! `authorization: Bearer <key>`; the key's scope must allow the method (the scope table is
+//! built from the features' declarations); the key's rate limit must have room. The resolved
+//! [`Caller`] is attached to the request for the handler, and its merchant and key id to the
+//! request's span. Health and reflection are public.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::error::Error;
+use crate::platform::caller::Caller;
+use crate::platform::service::{Access, Methods};
+
+/// What the layer asks of whoever knows the keys (`access::Authenticator`).
+pub trait Authenticate: Send + Sync + 'static {
+    /// Resolves the value of an `authorization` header (`Bearer <key>`) to the caller.
+    fn authenticate<'a>(
+        &'a self,
+        authorization: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Caller, Error>>;
+
+    /// Takes one request from the caller's budget.
+    fn check_rate(&self, caller: &Caller) -> Result<(), Error>;
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Arc<dyn Authenticate>,
+    methods: Methods,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Arc<dyn Authenticate>, methods: Methods) -> AuthLayer {
+        AuthLayer {
+            authenticator,
+            methods,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            authenticator: self.authenticator.clone(),
+            methods: self.methods.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    authenticator: Arc<dyn Authenticate>,
+    methods: Methods,
+}
+
+impl<S> Service<http::Request<Body>> for AuthService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let Access::Scopes(scopes) = self.methods.access(request.uri().path()) else {
+            return Box::pin(self.inner.call(request));
+        };
+        // The clone that was not polled ready stays here; the ready one serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let checked = async {
+                let caller = authenticator.authenticate(header).await?;
+                if !scopes.contains(&caller.scope) {
+                    return Err(Error::PermissionDenied(format!(
+                        "an API key with scope {} cannot call this method",
+                        caller.scope
+                    )));
+                }
+                authenticator.check_rate(&caller)?;
+                Ok(caller)
+            }
+            .await;
+            match checked {
+                Ok(caller) => {
+                    let span = tracing::Span::current();
+                    span.record("merchant", caller.merchant.0);
+                    span.record("key_id", caller.key_id);
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(error) => Ok(Status::from(error).into_http()),
+            }
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Overload shedding of unary calls: at most `max_in_flight` run at once. A request that
+//! finds no room within `queue_timeout` is refused with RESOURCE_EXHAUSTED at once, so an
+//! overloaded server sheds load instead of queueing without bound. Streams have a pool of their
+//! own (`streams.rs`), so open streams can never take the slots of unary calls.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::platform::service::{Kind, Methods};
+
+#[derive(Clone)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+    queue_timeout: Duration,
+    methods: Methods,
+}
+
+impl ShedLayer {
+    pub fn new(max_in_flight: usize, queue_timeout: Duration, methods: Methods) -> ShedLayer {
+        ShedLayer {
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            queue_timeout,
+            methods,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed {
+            inner,
+            permits: self.permits.clone(),
+            queue_timeout: self.queue_timeout,
+            methods: self.methods.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    queue_timeout: Duration,
+    methods: Methods,
+}
+
+impl<S> Service<http::Request<Body>> for Shed<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if self.methods.kind(request.uri().path()) == Kind::Streaming {
+            return Box::pin(self.inner.call(request));
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let permits = self.permits.clone();
+        let queue_timeout = self.queue_timeout;
+        Box::pin(async move {
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    match tokio::time::timeout(queue_timeout, permits.acquire_owned()).await {
+                        Ok(Ok(permit)) => permit,
+                        _ => {
+                            return Ok(Status::resource_exhausted(
+                                "server overloaded, retry with backoff",
+                            )
+                            .into_http());
+                        }
+                    }
+                }
+            };
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        })
+    }
+}

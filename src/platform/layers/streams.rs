@@ -1,0 +1,169 @@
+//! Limits of streaming methods (declared `Kind::Streaming`: health's `Watch`, reflection, and
+//! the event stream to come). A stream may stay open for hours, so the unary limits do not fit:
+//!
+//! * it takes a slot of its own pool (`max_streams`) and holds it until the stream ends, so
+//!   watchers can never starve unary calls, nor unary calls watchers; when the pool is full a
+//!   new stream is refused with RESOURCE_EXHAUSTED at once;
+//! * it is not cut by the server's unary deadline; a deadline the client sent (`grpc-timeout`)
+//!   still ends it, with DEADLINE_EXCEEDED;
+//! * it ends cleanly with UNAVAILABLE when the server starts to shut down, so a graceful
+//!   shutdown never waits its whole grace period for watchers that would never hang up.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::HeaderMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::platform::layers::deadline::client_timeout;
+use crate::platform::service::{Kind, Methods};
+
+#[derive(Clone)]
+pub struct StreamsLayer {
+    permits: Arc<Semaphore>,
+    methods: Methods,
+    draining: watch::Receiver<bool>,
+}
+
+impl StreamsLayer {
+    /// `draining` turns true when the server starts to shut down.
+    pub fn new(max_streams: usize, methods: Methods, draining: watch::Receiver<bool>) -> Self {
+        StreamsLayer {
+            permits: Arc::new(Semaphore::new(max_streams)),
+            methods,
+            draining,
+        }
+    }
+}
+
+impl<S> Layer<S> for StreamsLayer {
+    type Service = Streams<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Streams {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Streams<S> {
+    inner: S,
+    layer: StreamsLayer,
+}
+
+impl<S> Service<http::Request<Body>> for Streams<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if self.layer.methods.kind(request.uri().path()) != Kind::Streaming {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
+            return Box::pin(async {
+                Ok(Status::resource_exhausted("too many open streams, retry later").into_http())
+            });
+        };
+        if *self.layer.draining.borrow() {
+            return Box::pin(async { Ok(shutting_down().into_http()) });
+        }
+        let deadline = client_timeout(&request).map(|d| Box::pin(tokio::time::sleep(d)));
+        let mut draining = self.layer.draining.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            let (parts, body) = response.into_parts();
+            let guarded = GuardedBody {
+                inner: body,
+                _permit: permit,
+                draining: Box::pin(async move {
+                    // A dropped sender (server gone) counts as draining too.
+                    let _ = draining.wait_for(|draining| *draining).await;
+                }),
+                deadline,
+                ended: false,
+            };
+            Ok(http::Response::from_parts(parts, Body::new(guarded)))
+        })
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down, reconnect")
+}
+
+/// A stream's body: holds the pool slot until it ends, and ends it early (with the status in
+/// the trailers) on shutdown or at the client's deadline.
+struct GuardedBody {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+    draining: Pin<Box<dyn Future<Output = ()> + Send>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    ended: bool,
+}
+
+impl GuardedBody {
+    fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.ended = true;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", (status.code() as i32).into());
+        if let Ok(message) = http::HeaderValue::from_str(status.message()) {
+            trailers.insert("grpc-message", message);
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.draining.as_mut().poll(cx).is_ready() {
+            return self.end_with(shutting_down());
+        }
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return self.end_with(Status::deadline_exceeded("deadline exceeded"));
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            self.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

@@ -1,0 +1,181 @@
+//! Postgres, the truth: the pool, the migrations and the mapping of database failures onto
+//! [`Error`]. The SQL itself lives with each feature (`<feature>/store.rs`).
+//!
+//! Who opens a transaction: the use case, always (`Store::begin`, then `commit`). Store
+//! functions take `&mut PgConnection` and never begin or commit, so several of them, of one
+//! feature or of several, compose into one transaction.
+
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+use crate::error::Error;
+use crate::telemetry::throttle::LogThrottle;
+
+/// During an outage every request fails the same way; a few lines a minute tell the story.
+static DATABASE_UNAVAILABLE: LogThrottle = LogThrottle::per_minute(10);
+
+fn log_unavailable(error: &sqlx::Error) {
+    if let Some(suppressed) = DATABASE_UNAVAILABLE.admit() {
+        tracing::warn!(%error, suppressed, "database unavailable");
+    }
+}
+
+/// The embedded migrations of `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    /// How long an RPC waits for a free connection before it fails with UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// Server-side limit for any one statement.
+    pub statement_timeout: Duration,
+}
+
+/// The Postgres side of storage. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Builds the pool without connecting, so the server starts (and reports NOT_SERVING)
+    /// even while Postgres is down, and recovers by itself when it comes back.
+    pub fn connect_lazy(config: &DatabaseConfig) -> Result<Store, Error> {
+        let options: PgConnectOptions = config
+            .url
+            .parse::<PgConnectOptions>()
+            .map_err(|e| Error::internal(format!("invalid DATABASE_URL: {e}")))?
+            .application_name("loyalty")
+            .options([(
+                "statement_timeout",
+                config.statement_timeout.as_millis().to_string(),
+            )])
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            // sqlx pings on every acquire by default; that is a round trip per query. Only a
+            // connection that sat idle for a while is checked; a dead busy one fails its query
+            // with UNAVAILABLE and is dropped.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > Duration::from_secs(10) {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_lazy_with(options);
+        Ok(Store { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// One connection for the statements of one use case.
+    pub async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<Postgres>, Error> {
+        self.pool.acquire().await.map_err(db_error)
+    }
+
+    /// A transaction for the writes of one use case; [`commit`] it.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
+        self.pool.begin().await.map_err(db_error)
+    }
+
+    /// Applies the embedded migrations (idempotent; concurrent callers are serialised by an
+    /// advisory lock inside sqlx).
+    pub async fn migrate(&self) -> Result<(), Error> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => db_error(inner),
+            other => Error::internal(other),
+        })
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Connections open / idle, for the metrics.
+    pub fn pool_usage(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Commits a transaction of [`Store::begin`] (or one begun on a connection).
+pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), Error> {
+    tx.commit().await.map_err(db_error)
+}
+
+/// SQLSTATE of a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// The name of the unique constraint a statement violated, if that is what failed.
+pub(crate) fn violated_unique_constraint(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+            Some(db.constraint().unwrap_or_default().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Maps a database failure onto the domain error. Connection trouble is UNAVAILABLE (the
+/// caller retries with the same key, which is always safe); anything else is INTERNAL and
+/// its text, which may quote SQL, is only logged.
+pub(crate) fn db_error(error: sqlx::Error) -> Error {
+    match &error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::BeginFailed => {
+            log_unavailable(&error);
+            Error::Unavailable("database unavailable, retry with backoff".into())
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                // connection exceptions, shutdown, too many connections, serialization/deadlock
+                c if c.starts_with("08")
+                    || c.starts_with("57P")
+                    || c == "53300"
+                    || c == "40001"
+                    || c == "40P01" =>
+                {
+                    log_unavailable(&error);
+                    Error::Unavailable("database unavailable, retry with backoff".into())
+                }
+                // statement_timeout or a cancelled query
+                "57014" => Error::Unavailable("database too slow, retry with backoff".into()),
+                "22003" => Error::FailedPrecondition("a points total would overflow".into()),
+                _ => Error::internal(error),
+            }
+        }
+        _ => Error::internal(error),
+    }
+}

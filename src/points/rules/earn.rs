@@ -1,0 +1,332 @@
+//! How many points a basket earns.
+//!
+//! points = floor( Σ line amount × category multiplier × best promotion multiplier
+//!                 × earn_rate.points / (earn_rate.currency_units × minor units per unit) )
+//!
+//! Everything is exact integer arithmetic in 128 bits and rounds down once, per purchase, so
+//! splitting a basket into more lines never loses points to rounding.
+
+use crate::platform::validation::Invalid;
+use crate::points::rules::purchase::Basket;
+use crate::programs::rules::{BASE_MULTIPLIER_BP, ProgramRules, Promotion};
+
+/// The most points one purchase may earn. A balance holds up to `i64::MAX` (about 9.2 × 10^18),
+/// so a customer can take thousands of purchases at this cap before the balance is full; without
+/// it, one purchase under an extreme (but valid) program could fill the balance and block every
+/// later purchase of that customer.
+pub const MAX_POINTS_PER_PURCHASE: i64 = 1_000_000_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Earn {
+    pub points: i64,
+    /// False when the total is below the program's minimum purchase amount.
+    pub eligible: bool,
+    /// Promotions chosen for at least one line, in program order.
+    pub applied_promotion_ids: Vec<String>,
+}
+
+pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
+    if basket.currency != rules.currency {
+        return Err(Invalid::field(
+            "currency",
+            format!("must be the program currency {}", rules.currency),
+        ));
+    }
+    if basket.total_minor < rules.minimum_purchase_minor {
+        return Ok(Earn {
+            points: 0,
+            eligible: false,
+            applied_promotion_ids: Vec::new(),
+        });
+    }
+
+    let mut applied = vec![false; rules.promotions.len()];
+    let mut weighted: i128 = 0; // minor units × bp × bp
+    let mut add = |category: &str, amount_minor: i64| {
+        let best = best_promotion(&rules.promotions, category, basket);
+        let promotion_bp = match best {
+            Some(index) => {
+                applied[index] = true;
+                rules.promotions[index].multiplier_bp
+            }
+            None => BASE_MULTIPLIER_BP,
+        };
+        weighted += i128::from(amount_minor)
+            * i128::from(rules.category_multiplier_bp(category))
+            * i128::from(promotion_bp);
+    };
+    if basket.lines.is_empty() {
+        add("", basket.total_minor);
+    } else {
+        for line in &basket.lines {
+            add(&line.category, line.amount_minor);
+        }
+    }
+
+    let bp = i128::from(BASE_MULTIPLIER_BP);
+    let numerator = weighted * i128::from(rules.earn_rate.points);
+    let denominator =
+        i128::from(rules.earn_rate.currency_units) * rules.currency.minor_per_unit() * bp * bp;
+    let points = i64::try_from(numerator / denominator)
+        .ok()
+        .filter(|points| *points <= MAX_POINTS_PER_PURCHASE)
+        .ok_or_else(|| {
+            Invalid::field(
+                "total_minor",
+                format!("earns more than {MAX_POINTS_PER_PURCHASE} points, the most one purchase may earn"),
+            )
+        })?;
+
+    let applied_promotion_ids = rules
+        .promotions
+        .iter()
+        .zip(applied)
+        .filter(|(_, used)| *used)
+        .map(|(promotion, _)| promotion.id.clone())
+        .collect();
+    Ok(Earn {
+        points,
+        eligible: true,
+        applied_promotion_ids,
+    })
+}
+
+/// The promotion with the highest multiplier among those matching the line; on a tie the one
+/// listed first. Promotions never stack.
+fn best_promotion(promotions: &[Promotion], category: &str, basket: &Basket) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (index, promotion) in promotions.iter().enumerate() {
+        if promotion.matches(category, basket.occurred_at)
+            && best.is_none_or(|b| promotion.multiplier_bp > promotions[b].multiplier_bp)
+        {
+            best = Some(index);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::money::{Currency, MAX_AMOUNT_MINOR};
+    use crate::points::rules::purchase::Line;
+    use crate::programs::rules::{EarnRate, MAX_MULTIPLIER_BP};
+    use chrono::{DateTime, TimeZone, Utc};
+
+    fn eur() -> Currency {
+        Currency::parse("currency", "EUR").unwrap()
+    }
+
+    fn rules() -> ProgramRules {
+        ProgramRules::default_for(eur())
+    }
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, hour, 0, 0).unwrap()
+    }
+
+    fn basket(lines: &[(&str, i64)]) -> Basket {
+        Basket {
+            currency: eur(),
+            total_minor: lines.iter().map(|(_, a)| a).sum(),
+            lines: lines
+                .iter()
+                .map(|(category, amount)| Line {
+                    sku: "sku".into(),
+                    category: category.to_string(),
+                    quantity: 1,
+                    amount_minor: *amount,
+                })
+                .collect(),
+            occurred_at: at(12),
+        }
+    }
+
+    fn points(rules: &ProgramRules, basket: &Basket) -> i64 {
+        earn(rules, basket).unwrap().points
+    }
+
+    fn promotion(
+        id: &str,
+        multiplier_bp: u32,
+        from: u32,
+        to: u32,
+        categories: &[&str],
+    ) -> Promotion {
+        Promotion {
+            id: id.into(),
+            multiplier_bp,
+            starts_at: at(from),
+            ends_at: at(to),
+            categories: categories.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn one_point_per_euro_rounds_down() {
+        assert_eq!(points(&rules(), &basket(&[("", 1999)])), 19);
+        assert_eq!(points(&rules(), &basket(&[("", 99)])), 0);
+        assert_eq!(points(&rules(), &basket(&[("", 0)])), 0);
+    }
+
+    #[test]
+    fn rounding_happens_once_per_purchase_not_per_line() {
+        // Two lines of 0.99 EUR: per-line rounding would give 0.
+        assert_eq!(points(&rules(), &basket(&[("", 99), ("", 99)])), 1);
+    }
+
+    #[test]
+    fn integer_ratio_earn_rate() {
+        let mut rules = rules();
+        rules.earn_rate = EarnRate {
+            points: 5,
+            currency_units: 2,
+        };
+        // 10.00 EUR → 25 points; 3.00 EUR → 7.5 → 7.
+        assert_eq!(points(&rules, &basket(&[("", 1000)])), 25);
+        assert_eq!(points(&rules, &basket(&[("", 300)])), 7);
+    }
+
+    #[test]
+    fn currencies_without_cents_and_with_mills() {
+        let jpy = Currency::parse("c", "JPY").unwrap();
+        let bhd = Currency::parse("c", "BHD").unwrap();
+        let mut b = basket(&[("", 1500)]);
+        b.currency = jpy;
+        assert_eq!(points(&ProgramRules::default_for(jpy), &b), 1500);
+        b.currency = bhd;
+        assert_eq!(points(&ProgramRules::default_for(bhd), &b), 1);
+    }
+
+    #[test]
+    fn category_multipliers_apply_per_line() {
+        let mut rules = rules();
+        rules.category_multipliers.insert("coffee".into(), 15_000);
+        rules.category_multipliers.insert("tobacco".into(), 0);
+        // 10 EUR coffee at 1.5x + 10 EUR tobacco at 0x + 10 EUR other at 1x = 25.
+        assert_eq!(
+            points(
+                &rules,
+                &basket(&[("coffee", 1000), ("tobacco", 1000), ("", 1000)])
+            ),
+            25
+        );
+    }
+
+    #[test]
+    fn promotions_apply_inside_their_window_and_category() {
+        let mut rules = rules();
+        rules
+            .promotions
+            .push(promotion("double-coffee", 20_000, 10, 14, &["coffee"]));
+        let mut b = basket(&[("coffee", 1000), ("tea", 1000)]);
+        let result = earn(&rules, &b).unwrap();
+        assert_eq!(result.points, 30);
+        assert_eq!(result.applied_promotion_ids, ["double-coffee"]);
+        b.occurred_at = at(14); // the window is half-open
+        let result = earn(&rules, &b).unwrap();
+        assert_eq!(result.points, 20);
+        assert!(result.applied_promotion_ids.is_empty());
+    }
+
+    #[test]
+    fn the_best_promotion_wins_and_multiplies_the_category() {
+        let mut rules = rules();
+        rules.category_multipliers.insert("coffee".into(), 15_000);
+        rules
+            .promotions
+            .push(promotion("all-double", 20_000, 0, 23, &[]));
+        rules
+            .promotions
+            .push(promotion("coffee-triple", 30_000, 0, 23, &["coffee"]));
+        let result = earn(&rules, &basket(&[("coffee", 1000), ("tea", 1000)])).unwrap();
+        // coffee: 10 × 1.5 × 3 = 45; tea: 10 × 1 × 2 = 20.
+        assert_eq!(result.points, 65);
+        assert_eq!(
+            result.applied_promotion_ids,
+            ["all-double", "coffee-triple"]
+        );
+    }
+
+    #[test]
+    fn a_basket_without_lines_earns_on_its_total() {
+        let mut rules = rules();
+        rules
+            .promotions
+            .push(promotion("all-double", 20_000, 0, 23, &[]));
+        rules
+            .promotions
+            .push(promotion("coffee-only", 50_000, 0, 23, &["coffee"]));
+        let mut b = basket(&[]);
+        b.total_minor = 1000;
+        assert_eq!(points(&rules, &b), 20);
+    }
+
+    #[test]
+    fn minimum_purchase_amount() {
+        let mut rules = rules();
+        rules.minimum_purchase_minor = 500;
+        let below = earn(&rules, &basket(&[("", 499)])).unwrap();
+        assert_eq!((below.points, below.eligible), (0, false));
+        let at_minimum = earn(&rules, &basket(&[("", 500)])).unwrap();
+        assert_eq!((at_minimum.points, at_minimum.eligible), (5, true));
+    }
+
+    #[test]
+    fn the_currency_must_be_the_programs() {
+        let mut b = basket(&[("", 100)]);
+        b.currency = Currency::parse("c", "USD").unwrap();
+        match earn(&rules(), &b) {
+            Err(Invalid(v)) => assert_eq!(v[0].field, "currency"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A yen program (no minor units) earning `points` per yen.
+    fn yen_rules(points: u32) -> ProgramRules {
+        let mut rules = ProgramRules::default_for(Currency::parse("c", "JPY").unwrap());
+        rules.earn_rate = EarnRate {
+            points,
+            currency_units: 1,
+        };
+        rules
+    }
+
+    /// A basket of one line of `amount` yen in `category`.
+    fn yen_basket(category: &str, amount: i64) -> Basket {
+        let mut b = basket(&[(category, amount)]);
+        b.currency = Currency::parse("c", "JPY").unwrap();
+        b
+    }
+
+    fn assert_refused_on_total(result: Result<Earn, Invalid>) {
+        match result {
+            Err(Invalid(v)) => assert_eq!(v[0].field, "total_minor"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn extreme_inputs_never_overflow() {
+        let mut rules = yen_rules(1_000_000);
+        rules
+            .category_multipliers
+            .insert("x".into(), MAX_MULTIPLIER_BP);
+        rules
+            .promotions
+            .push(promotion("max", MAX_MULTIPLIER_BP, 0, 23, &[]));
+        assert_refused_on_total(earn(&rules, &yen_basket("x", MAX_AMOUNT_MINOR)));
+    }
+
+    #[test]
+    fn one_purchase_earns_at_most_the_cap() {
+        let rules = yen_rules(1_000);
+        let at_cap = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000);
+        assert_eq!(
+            earn(&rules, &at_cap).unwrap().points,
+            MAX_POINTS_PER_PURCHASE
+        );
+        let over = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000 + 1);
+        assert_refused_on_total(earn(&rules, &over));
+    }
+}

@@ -1,0 +1,14 @@
+//! The statements of the hot paths, kept in `.sql` files so they read as SQL and so the
+//! benchmark's pgbench ceiling (`loyalty-bench`) runs exactly the same text: it generates its
+//! script from these constants, and `sql/checkout.pgbench` beside them is that script (a test
+//! of the bench keeps the two equal).
+
+/// Checkout, step 1: the program version and the customer's id (NULL when not enrolled).
+/// `$1` merchant_id, `$2` external_id.
+pub const CHECKOUT_CONTEXT: &str = include_str!("sql/checkout_context.sql");
+
+/// Checkout, step 2: the whole purchase in one atomic statement. See the file for parameters.
+pub const RECORD_PURCHASE: &str = include_str!("sql/record_purchase.sql");
+
+/// Creates a customer (and their empty account) if the external id is new.
+pub const ENROLL_ON_PURCHASE: &str = include_str!("sql/enroll_on_purchase.sql");

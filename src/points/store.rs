@@ -1,0 +1,227 @@
+//! The SQL of points: recording a purchase in one atomic statement, the lookup that answers
+//! retries, the checkout context, enrolment on a first purchase and the ledger pages.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::error::Error;
+use crate::platform::account::{AccountRow, AccountState};
+use crate::platform::caller::MerchantId;
+use crate::platform::store::{db_error, violated_unique_constraint};
+use crate::points::rules::ledger::{EntryKind, LedgerEntry, PageRequest};
+use crate::points::rules::purchase::Purchase;
+use crate::points::sql;
+
+pub enum RecordOutcome {
+    /// The purchase was stored; the account right after it.
+    Recorded(AccountState),
+    /// The purchase_id was taken already (by an earlier attempt or a concurrent one).
+    AlreadyTaken,
+}
+
+/// Writes the purchase, its lines, its EARN ledger entry and the account update in one
+/// statement. Nothing is written when the purchase_id is already taken.
+pub async fn record(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    customer_id: i64,
+    purchase: &Purchase,
+    points: i64,
+) -> Result<RecordOutcome, Error> {
+    let basket = &purchase.basket;
+    let count = basket.lines.len();
+    let mut line_no = Vec::with_capacity(count);
+    let mut sku = Vec::with_capacity(count);
+    let mut category = Vec::with_capacity(count);
+    let mut quantity = Vec::with_capacity(count);
+    let mut amount = Vec::with_capacity(count);
+    for (i, line) in basket.lines.iter().enumerate() {
+        line_no.push(i as i32 + 1);
+        sku.push(line.sku.as_str());
+        category.push(line.category.as_str());
+        quantity.push(line.quantity as i32);
+        amount.push(line.amount_minor);
+    }
+    let result = sqlx::query_as::<_, AccountRow>(sql::RECORD_PURCHASE)
+        .bind(merchant.0)
+        .bind(customer_id)
+        .bind(&purchase.purchase_id)
+        .bind(&purchase.store_id)
+        .bind(basket.occurred_at)
+        .bind(basket.currency.code())
+        .bind(basket.total_minor)
+        .bind(&purchase.fingerprint()[..])
+        .bind(points)
+        .bind(line_no)
+        .bind(sku)
+        .bind(category)
+        .bind(quantity)
+        .bind(amount)
+        .fetch_optional(conn)
+        .await;
+    match result {
+        Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
+        Ok(None) => Ok(RecordOutcome::AlreadyTaken),
+        Err(error) => match violated_unique_constraint(&error).as_deref() {
+            Some("purchases_pkey" | "ledger_entries_operation_key") => {
+                Ok(RecordOutcome::AlreadyTaken)
+            }
+            _ => Err(db_error(error)),
+        },
+    }
+}
+
+/// A purchase as stored, enough to answer a retry.
+pub struct StoredPurchase {
+    pub request_hash: Vec<u8>,
+    pub external_id: String,
+    pub points_earned: i64,
+    pub account_after: AccountState,
+}
+
+pub async fn find(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    purchase_id: &str,
+) -> Result<Option<StoredPurchase>, Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        request_hash: Vec<u8>,
+        external_id: String,
+        points_earned: i64,
+        available_after: i64,
+        pending_after: i64,
+        lifetime_earned_after: i64,
+        lifetime_redeemed_after: i64,
+        purchase_count_after: i64,
+        version_after: i64,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT p.request_hash, c.external_id, p.points_earned, p.available_after,
+                p.pending_after, p.lifetime_earned_after, p.lifetime_redeemed_after,
+                p.purchase_count_after, p.version_after
+           FROM purchases p
+           JOIN customers c ON c.merchant_id = p.merchant_id AND c.id = p.customer_id
+          WHERE p.merchant_id = $1 AND p.purchase_id = $2",
+    )
+    .bind(merchant.0)
+    .bind(purchase_id)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(row.map(|r| StoredPurchase {
+        request_hash: r.request_hash,
+        external_id: r.external_id,
+        points_earned: r.points_earned,
+        account_after: AccountState {
+            available: r.available_after,
+            pending: r.pending_after,
+            lifetime_earned: r.lifetime_earned_after,
+            lifetime_redeemed: r.lifetime_redeemed_after,
+            purchase_count: r.purchase_count_after,
+            version: r.version_after,
+        },
+    }))
+}
+
+/// What checkout needs before it can write: the program version (to know whether the
+/// in-memory program is current) and the customer's id, `None` if not enrolled yet.
+/// `None` overall when the merchant has no program (it does not exist).
+pub async fn checkout_context(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    external_id: &str,
+) -> Result<Option<(i64, Option<i64>)>, Error> {
+    sqlx::query_as::<_, (i64, Option<i64>)>(sql::CHECKOUT_CONTEXT)
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
+}
+
+/// The customer's id, enrolling them with an empty profile if they are new.
+pub async fn enroll_on_purchase(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    external_id: &str,
+) -> Result<i64, Error> {
+    let created: Option<i64> = sqlx::query_scalar(sql::ENROLL_ON_PURCHASE)
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    if let Some(id) = created {
+        return Ok(id);
+    }
+    // A concurrent request enrolled them first; it has committed (ON CONFLICT waited for it).
+    sqlx::query_scalar("SELECT id FROM customers WHERE merchant_id = $1 AND external_id = $2")
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)
+}
+
+/// Up to `page.size + 1` entries older than the page's cursor (the extra one tells the caller
+/// whether another page follows).
+pub async fn ledger_page(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    customer_id: i64,
+    page: PageRequest,
+) -> Result<Vec<LedgerEntry>, Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        kind: String,
+        points: i64,
+        reference: String,
+        occurred_at: DateTime<Utc>,
+        created_at: DateTime<Utc>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, kind, points, reference, occurred_at, created_at
+           FROM ledger_entries
+          WHERE merchant_id = $1 AND customer_id = $2 AND ($3::bigint IS NULL OR id < $3)
+          ORDER BY id DESC
+          LIMIT $4",
+    )
+    .bind(merchant.0)
+    .bind(customer_id)
+    .bind(page.before_entry_id)
+    .bind(page.size as i64 + 1)
+    .fetch_all(conn)
+    .await
+    .map_err(db_error)?;
+    rows.into_iter()
+        .map(|row| {
+            let kind = EntryKind::parse(&row.kind).ok_or_else(|| {
+                Error::internal(format!("unknown ledger entry kind {:?}", row.kind))
+            })?;
+            Ok(LedgerEntry {
+                entry_id: row.id,
+                kind,
+                points: row.points,
+                reference: row.reference,
+                occurred_at: row.occurred_at,
+                created_at: row.created_at,
+            })
+        })
+        .collect()
+}
+
+/// The customer's internal id.
+pub async fn customer_id(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    external_id: &str,
+) -> Result<Option<i64>, Error> {
+    sqlx::query_scalar("SELECT id FROM customers WHERE merchant_id = $1 AND external_id = $2")
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
+}

@@ -1,0 +1,203 @@
+//! The use cases of points: quoting a basket, recording a purchase, reading a balance and
+//! paging the ledger.
+
+use sqlx::Connection;
+
+use crate::error::Error;
+use crate::platform::account::{self, AccountState};
+use crate::platform::cache::CacheRead;
+use crate::platform::caller::{Caller, MerchantId};
+use crate::platform::store::{commit, db_error};
+use crate::points::Points;
+use crate::points::rules::PurchaseReceipt;
+use crate::points::rules::earn::{self, Earn};
+use crate::points::rules::ledger::{self, LedgerEntry, PageRequest};
+use crate::points::rules::purchase::{Purchase, Quote};
+use crate::points::store::{self, RecordOutcome, StoredPurchase};
+use crate::programs;
+
+/// One page of a customer's ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerPage {
+    pub entries: Vec<LedgerEntry>,
+    pub next_page_token: Option<String>,
+}
+
+impl Points {
+    /// The points a basket would earn now. Reads the program, writes nothing.
+    pub async fn quote_purchase(&self, caller: &Caller, quote: &Quote) -> Result<Earn, Error> {
+        let mut conn = self.store.acquire().await?;
+        let version = programs::store::version(&mut conn, caller.merchant)
+            .await?
+            .ok_or(Error::NotFound("program"))?;
+        let program = self
+            .programs
+            .get(&mut conn, caller.merchant, version)
+            .await?;
+        Ok(earn::earn(&program.rules, &quote.basket)?)
+    }
+
+    /// Records a purchase and earns its points, at most once per `purchase_id`.
+    ///
+    /// A known customer costs two round trips: the context read and one atomic statement.
+    /// A new customer is enrolled in the same transaction as their first purchase, so a
+    /// refused purchase leaves no customer behind.
+    pub async fn record_purchase(
+        &self,
+        caller: &Caller,
+        purchase: &Purchase,
+    ) -> Result<PurchaseReceipt, Error> {
+        let merchant = caller.merchant;
+        let mut conn = self.store.acquire().await?;
+        let (program_version, customer_id) =
+            store::checkout_context(&mut conn, merchant, &purchase.external_id)
+                .await?
+                .ok_or(Error::NotFound("program"))?;
+        let program = self
+            .programs
+            .get(&mut conn, merchant, program_version)
+            .await?;
+        let earned = match earn::earn(&program.rules, &purchase.basket) {
+            Ok(earned) => earned,
+            // A retry gets its original answer even if the program has changed since in a
+            // way that this basket cannot earn under any more (rule 3).
+            Err(refused) => {
+                return match store::find(&mut conn, merchant, &purchase.purchase_id).await? {
+                    Some(stored) => {
+                        drop(conn);
+                        self.answer_replay(merchant, purchase, stored).await
+                    }
+                    None => Err(refused.into()),
+                };
+            }
+        };
+
+        let outcome = match customer_id {
+            Some(customer_id) => {
+                store::record(&mut conn, merchant, customer_id, purchase, earned.points).await?
+            }
+            None => {
+                // A new customer: enrolled in the transaction of their first purchase.
+                let mut tx = conn.begin().await.map_err(db_error)?;
+                let customer_id =
+                    store::enroll_on_purchase(&mut tx, merchant, &purchase.external_id).await?;
+                let outcome =
+                    store::record(&mut tx, merchant, customer_id, purchase, earned.points).await?;
+                match outcome {
+                    RecordOutcome::Recorded(_) => commit(tx).await?,
+                    RecordOutcome::AlreadyTaken => tx.rollback().await.map_err(db_error)?,
+                }
+                outcome
+            }
+        };
+
+        match outcome {
+            RecordOutcome::Recorded(account) => {
+                drop(conn);
+                self.publisher
+                    .publish(merchant, &purchase.external_id, &account)
+                    .await;
+                Ok(PurchaseReceipt {
+                    purchase_id: purchase.purchase_id.clone(),
+                    external_id: purchase.external_id.clone(),
+                    points_earned: earned.points,
+                    account,
+                })
+            }
+            RecordOutcome::AlreadyTaken => {
+                let stored = store::find(&mut conn, merchant, &purchase.purchase_id)
+                    .await?
+                    .ok_or_else(|| Error::internal("a purchase that conflicted cannot be found"))?;
+                drop(conn);
+                self.answer_replay(merchant, purchase, stored).await
+            }
+        }
+    }
+
+    /// The answer to a purchase_id that is already taken: the stored receipt, or
+    /// ALREADY_EXISTS for other content.
+    async fn answer_replay(
+        &self,
+        merchant: MerchantId,
+        purchase: &Purchase,
+        stored: StoredPurchase,
+    ) -> Result<PurchaseReceipt, Error> {
+        let receipt = replay(purchase, stored)?;
+        // The first attempt may have died between its commit and its cache update (a till
+        // retries exactly then): publish the customer's current state. (Not the state in the
+        // receipt: into an empty cache slot that could be older than purchases made since.)
+        let mut conn = self.store.acquire().await?;
+        if let Some(current) = account::load(&mut conn, merchant, &receipt.external_id).await? {
+            drop(conn);
+            self.publisher
+                .publish(merchant, &receipt.external_id, &current)
+                .await;
+        }
+        Ok(receipt)
+    }
+
+    /// The balance, from the cache when it holds a copy at least as new as `min_version`,
+    /// otherwise from Postgres (and the cache is refreshed).
+    pub async fn get_balance(
+        &self,
+        caller: &Caller,
+        external_id: &str,
+        min_version: i64,
+    ) -> Result<AccountState, Error> {
+        let cache = self.publisher.cache();
+        if let CacheRead::Hit(state) = cache.get(caller.merchant, external_id).await
+            && state.version >= min_version
+        {
+            return Ok(state);
+        }
+        let mut conn = self.store.acquire().await?;
+        let state = account::load(&mut conn, caller.merchant, external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        drop(conn);
+        cache.put(caller.merchant, external_id, &state).await;
+        Ok(state)
+    }
+
+    pub async fn list_ledger(
+        &self,
+        caller: &Caller,
+        external_id: &str,
+        page: PageRequest,
+    ) -> Result<LedgerPage, Error> {
+        let mut conn = self.store.acquire().await?;
+        let customer_id = store::customer_id(&mut conn, caller.merchant, external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        let mut entries = store::ledger_page(&mut conn, caller.merchant, customer_id, page).await?;
+        let next_page_token = if entries.len() > page.size {
+            entries.truncate(page.size);
+            entries
+                .last()
+                .map(|last| ledger::encode_token(last.entry_id))
+        } else {
+            None
+        };
+        Ok(LedgerPage {
+            entries,
+            next_page_token,
+        })
+    }
+}
+
+/// The answer to a retry: the original response if the content is the same, ALREADY_EXISTS
+/// if the purchase_id was used for a different receipt.
+fn replay(purchase: &Purchase, stored: StoredPurchase) -> Result<PurchaseReceipt, Error> {
+    if stored.request_hash != purchase.fingerprint() {
+        return Err(Error::AlreadyExists(format!(
+            "purchase_id {:?} was already recorded with different content",
+            purchase.purchase_id
+        )));
+    }
+    Ok(PurchaseReceipt {
+        purchase_id: purchase.purchase_id.clone(),
+        external_id: stored.external_id,
+        points_earned: stored.points_earned,
+        account: stored.account_after,
+    })
+}

@@ -1,0 +1,411 @@
+//! The merchant's program: currency, earn rate, minimum purchase, category multipliers and
+//! promotions. Validated once when an admin writes it; read on every checkout.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::platform::money::{self, Currency};
+use crate::platform::validation::Invalid;
+use crate::platform::validation::{self, Violations};
+
+/// 1x, in basis points.
+pub const BASE_MULTIPLIER_BP: u32 = 10_000;
+/// 100x: the largest multiplier a category or promotion may carry.
+pub const MAX_MULTIPLIER_BP: u32 = 1_000_000;
+pub const MAX_EARN_POINTS: u32 = 1_000_000;
+pub const MAX_EARN_CURRENCY_UNITS: u32 = 1_000_000;
+pub const MAX_CATEGORIES: usize = 1_000;
+pub const MAX_PROMOTIONS: usize = 100;
+pub const MAX_CATEGORY_CHARS: usize = 64;
+
+/// `points` points for every `currency_units` whole units of currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarnRate {
+    pub points: u32,
+    pub currency_units: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub id: String,
+    pub multiplier_bp: u32,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    /// Empty: every line.
+    pub categories: Vec<String>,
+}
+
+impl Promotion {
+    /// Whether this promotion applies to a line of `category` bought at `at`.
+    pub fn matches(&self, category: &str, at: DateTime<Utc>) -> bool {
+        self.starts_at <= at
+            && at < self.ends_at
+            && (self.categories.is_empty() || self.categories.iter().any(|c| c == category))
+    }
+}
+
+/// The rules as an admin writes them (everything but the version and update time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramRules {
+    pub currency: Currency,
+    pub earn_rate: EarnRate,
+    pub minimum_purchase_minor: i64,
+    pub category_multipliers: BTreeMap<String, u32>,
+    pub promotions: Vec<Promotion>,
+}
+
+impl ProgramRules {
+    /// The program every new merchant starts with: 1 point per whole unit of `currency`.
+    pub fn default_for(currency: Currency) -> Self {
+        ProgramRules {
+            currency,
+            earn_rate: EarnRate {
+                points: 1,
+                currency_units: 1,
+            },
+            minimum_purchase_minor: 0,
+            category_multipliers: BTreeMap::new(),
+            promotions: Vec::new(),
+        }
+    }
+
+    pub fn category_multiplier_bp(&self, category: &str) -> u32 {
+        self.category_multipliers
+            .get(category)
+            .copied()
+            .unwrap_or(BASE_MULTIPLIER_BP)
+    }
+}
+
+/// A stored program: its rules plus the version that grows on every update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    pub rules: ProgramRules,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A category multiplier as the caller sent it (before duplicate and bound checks).
+#[derive(Debug, Clone)]
+pub struct CategoryMultiplierInput {
+    pub category: String,
+    pub multiplier_bp: u32,
+}
+
+/// A promotion as the caller sent it; the window ends are optional so that a missing one can
+/// be reported as a violation of that very field.
+#[derive(Debug, Clone)]
+pub struct PromotionInput {
+    pub id: String,
+    pub multiplier_bp: u32,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub ends_at: Option<DateTime<Utc>>,
+    pub categories: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProgramInput {
+    pub currency: String,
+    /// `None` when the caller left the earn rate out.
+    pub earn_rate: Option<EarnRate>,
+    pub minimum_purchase_minor: i64,
+    pub category_multipliers: Vec<CategoryMultiplierInput>,
+    pub promotions: Vec<PromotionInput>,
+}
+
+impl ProgramRules {
+    /// Validates an admin's program. Field names are those of `loyalty.v1.Program`, prefixed
+    /// with `program.`.
+    pub fn parse(input: ProgramInput) -> Result<ProgramRules, Invalid> {
+        let mut v = Violations::default();
+        let currency = v.check(Currency::parse("program.currency", &input.currency));
+
+        let earn_rate = match input.earn_rate {
+            None => {
+                v.add("program.earn_rate", "is required");
+                None
+            }
+            Some(rate) => {
+                if rate.points > MAX_EARN_POINTS {
+                    v.add(
+                        "program.earn_rate.points",
+                        format!("must be at most {MAX_EARN_POINTS}"),
+                    );
+                }
+                if rate.currency_units == 0 {
+                    v.add("program.earn_rate.currency_units", "must be at least 1");
+                } else if rate.currency_units > MAX_EARN_CURRENCY_UNITS {
+                    v.add(
+                        "program.earn_rate.currency_units",
+                        format!("must be at most {MAX_EARN_CURRENCY_UNITS}"),
+                    );
+                }
+                Some(rate)
+            }
+        };
+
+        let minimum = v.check(money::amount(
+            "program.minimum_purchase_minor",
+            input.minimum_purchase_minor,
+        ));
+
+        if input.category_multipliers.len() > MAX_CATEGORIES {
+            v.add(
+                "program.category_multipliers",
+                format!("at most {MAX_CATEGORIES} entries"),
+            );
+        }
+        let mut category_multipliers = BTreeMap::new();
+        for (i, entry) in input
+            .category_multipliers
+            .iter()
+            .enumerate()
+            .take(MAX_CATEGORIES)
+        {
+            let field = format!("program.category_multipliers[{i}]");
+            if let Some(category) = v.check(category(&format!("{field}.category"), &entry.category))
+            {
+                if category.is_empty() {
+                    v.add(format!("{field}.category"), "must not be empty");
+                } else if category_multipliers
+                    .insert(category, entry.multiplier_bp)
+                    .is_some()
+                {
+                    v.add(format!("{field}.category"), "is listed twice");
+                }
+            }
+            if entry.multiplier_bp > MAX_MULTIPLIER_BP {
+                v.add(
+                    format!("{field}.multiplier_bp"),
+                    format!("must be at most {MAX_MULTIPLIER_BP}"),
+                );
+            }
+        }
+
+        if input.promotions.len() > MAX_PROMOTIONS {
+            v.add(
+                "program.promotions",
+                format!("at most {MAX_PROMOTIONS} entries"),
+            );
+        }
+        let mut promotions = Vec::new();
+        let mut promotion_ids = HashSet::new();
+        for (i, promo) in input
+            .promotions
+            .into_iter()
+            .enumerate()
+            .take(MAX_PROMOTIONS)
+        {
+            let field = format!("program.promotions[{i}]");
+            let id = v.check(validation::identifier(&format!("{field}.id"), &promo.id));
+            if let Some(id) = &id {
+                if id.chars().count() > MAX_CATEGORY_CHARS {
+                    v.add(
+                        format!("{field}.id"),
+                        format!("must be at most {MAX_CATEGORY_CHARS} characters"),
+                    );
+                } else if !promotion_ids.insert(id.clone()) {
+                    v.add(format!("{field}.id"), "is used by another promotion");
+                }
+            }
+            if promo.multiplier_bp > MAX_MULTIPLIER_BP {
+                v.add(
+                    format!("{field}.multiplier_bp"),
+                    format!("must be at most {MAX_MULTIPLIER_BP}"),
+                );
+            }
+            if promo.starts_at.is_none() {
+                v.add(format!("{field}.starts_at"), "is required");
+            }
+            if promo.ends_at.is_none() {
+                v.add(format!("{field}.ends_at"), "is required");
+            }
+            if let (Some(starts_at), Some(ends_at)) = (promo.starts_at, promo.ends_at)
+                && ends_at <= starts_at
+            {
+                v.add(format!("{field}.ends_at"), "must be after starts_at");
+            }
+            if promo.categories.len() > MAX_CATEGORIES {
+                v.add(
+                    format!("{field}.categories"),
+                    format!("at most {MAX_CATEGORIES} entries"),
+                );
+            }
+            let mut categories = Vec::new();
+            for (j, raw) in promo.categories.iter().enumerate().take(MAX_CATEGORIES) {
+                let category_field = format!("{field}.categories[{j}]");
+                match v.check(category(&category_field, raw)) {
+                    Some(c) if c.is_empty() => v.add(category_field, "must not be empty"),
+                    Some(c) => categories.push(c),
+                    None => {}
+                }
+            }
+            if let (Some(id), Some(starts_at), Some(ends_at)) = (id, promo.starts_at, promo.ends_at)
+            {
+                promotions.push(Promotion {
+                    id,
+                    multiplier_bp: promo.multiplier_bp,
+                    starts_at,
+                    ends_at,
+                    categories,
+                });
+            }
+        }
+
+        match (currency, earn_rate, minimum) {
+            (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
+                Ok(ProgramRules {
+                    currency,
+                    earn_rate,
+                    minimum_purchase_minor,
+                    category_multipliers,
+                    promotions,
+                })
+            }
+            _ => Err(v.into_error()),
+        }
+    }
+}
+
+/// A line category: at most 64 characters, no control characters. Empty means "uncategorised".
+pub fn category(field: &str, value: &str) -> Result<String, validation::Violation> {
+    validation::text(field, value, MAX_CATEGORY_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn input() -> ProgramInput {
+        ProgramInput {
+            currency: "EUR".into(),
+            earn_rate: Some(EarnRate {
+                points: 1,
+                currency_units: 1,
+            }),
+            minimum_purchase_minor: 0,
+            category_multipliers: vec![],
+            promotions: vec![],
+        }
+    }
+
+    fn fields(result: Result<ProgramRules, Invalid>) -> Vec<String> {
+        match result {
+            Err(Invalid(v)) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("expected violations, got {other:?}"),
+        }
+    }
+
+    fn at(day: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn a_valid_program_parses() {
+        let mut program = input();
+        program.category_multipliers.push(CategoryMultiplierInput {
+            category: "coffee".into(),
+            multiplier_bp: 15_000,
+        });
+        program.promotions.push(PromotionInput {
+            id: "black-friday".into(),
+            multiplier_bp: 20_000,
+            starts_at: Some(at(27)),
+            ends_at: Some(at(28)),
+            categories: vec!["coffee".into()],
+        });
+        let rules = ProgramRules::parse(program).unwrap();
+        assert_eq!(rules.category_multiplier_bp("coffee"), 15_000);
+        assert_eq!(rules.category_multiplier_bp("tea"), BASE_MULTIPLIER_BP);
+        assert_eq!(rules.promotions[0].id, "black-friday");
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let program = ProgramInput {
+            currency: "EURO".into(),
+            earn_rate: Some(EarnRate {
+                points: MAX_EARN_POINTS + 1,
+                currency_units: 0,
+            }),
+            minimum_purchase_minor: -1,
+            category_multipliers: vec![
+                CategoryMultiplierInput {
+                    category: "a".into(),
+                    multiplier_bp: 1,
+                },
+                CategoryMultiplierInput {
+                    category: "a".into(),
+                    multiplier_bp: MAX_MULTIPLIER_BP + 1,
+                },
+                CategoryMultiplierInput {
+                    category: "".into(),
+                    multiplier_bp: 1,
+                },
+            ],
+            promotions: vec![
+                PromotionInput {
+                    id: "p".into(),
+                    multiplier_bp: 2,
+                    starts_at: Some(at(2)),
+                    ends_at: Some(at(1)),
+                    categories: vec!["".into()],
+                },
+                PromotionInput {
+                    id: "p".into(),
+                    multiplier_bp: 2,
+                    starts_at: None,
+                    ends_at: None,
+                    categories: vec![],
+                },
+            ],
+        };
+        assert_eq!(
+            fields(ProgramRules::parse(program)),
+            [
+                "program.currency",
+                "program.earn_rate.points",
+                "program.earn_rate.currency_units",
+                "program.minimum_purchase_minor",
+                "program.category_multipliers[1].category",
+                "program.category_multipliers[1].multiplier_bp",
+                "program.category_multipliers[2].category",
+                "program.promotions[0].ends_at",
+                "program.promotions[0].categories[0]",
+                "program.promotions[1].id",
+                "program.promotions[1].starts_at",
+                "program.promotions[1].ends_at",
+            ]
+        );
+    }
+
+    #[test]
+    fn earn_rate_is_required() {
+        let mut program = input();
+        program.earn_rate = None;
+        assert_eq!(fields(ProgramRules::parse(program)), ["program.earn_rate"]);
+    }
+
+    #[test]
+    fn promotion_window_is_half_open_and_category_scoped() {
+        let promo = Promotion {
+            id: "p".into(),
+            multiplier_bp: 20_000,
+            starts_at: at(1),
+            ends_at: at(2),
+            categories: vec!["coffee".into()],
+        };
+        assert!(promo.matches("coffee", at(1)));
+        assert!(!promo.matches("coffee", at(2)));
+        assert!(!promo.matches("tea", at(1)));
+        let everything = Promotion {
+            categories: vec![],
+            ..promo
+        };
+        assert!(everything.matches("tea", at(1)));
+        assert!(everything.matches("", at(1)));
+    }
+}

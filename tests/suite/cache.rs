@@ -1,0 +1,525 @@
+//! The Redis cache: warm reads without Postgres, versioned writes that never go backwards,
+//! and a service that keeps working (and recovers by itself) when Redis is away.
+
+use loyalty_testkit as common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::{Options, TestApp, purchase};
+use loyalty::AccountState;
+use loyalty::Scope;
+use loyalty::pb;
+use loyalty::{CacheRead, CacheWrite};
+
+async fn balance(
+    member: &mut common::MemberClient,
+    external_id: &str,
+    min_version: i64,
+) -> pb::GetBalanceResponse {
+    member
+        .get_balance(pb::GetBalanceRequest {
+            external_id: external_id.into(),
+            min_version,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The available points `GetBalance` shows, with no `min_version`.
+async fn available(member: &mut common::MemberClient, external_id: &str) -> i64 {
+    balance(member, external_id, 0)
+        .await
+        .balance
+        .unwrap()
+        .available
+}
+
+async fn raw_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_balance_read_needs_no_database() {
+    let db_proxy = Proxy::start(common::socket_addr_of(&common::admin_database_url())).await;
+    let app = TestApp::spawn_with(Options {
+        database_via: Some(db_proxy.addr),
+        key_cache_ttl: Duration::from_secs(30),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    app.checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 4200))
+        .await
+        .unwrap();
+    let mut member = app.member(&pos).await;
+    assert_eq!(available(&mut member, "card-1").await, 42);
+
+    db_proxy.cut().await;
+    let hits = app.metrics.cache_op_count("get", "hit");
+    let read = balance(&mut member, "card-1", 0).await;
+    assert_eq!(read.balance.unwrap().available, 42);
+    assert_eq!(read.purchase_count, 1);
+    assert_eq!(app.metrics.cache_op_count("get", "hit"), hits + 1);
+    // Without Postgres, what is not cached fails fast and says so.
+    let status = member
+        .get_customer(pb::GetCustomerRequest {
+            external_id: "card-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    db_proxy.restore();
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cache_write_never_overwrites_a_newer_one() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let first = checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = checkout
+        .record_purchase(purchase("card-1", "r-2", 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let newer = second.balance.unwrap();
+    let older = first.balance.unwrap();
+    assert!(newer.version > older.version);
+
+    // A slow reader that loaded version 1 from Postgres tries to publish it now.
+    let cache = &app.cache;
+    let stale = AccountState {
+        available: older.available,
+        pending: older.pending,
+        lifetime_earned: older.lifetime_earned,
+        lifetime_redeemed: older.lifetime_redeemed,
+        purchase_count: first.purchase_count,
+        version: older.version,
+    };
+    assert_eq!(
+        cache.put(merchant.id, "card-1", &stale).await,
+        CacheWrite::RejectedOlder
+    );
+    match cache.get(merchant.id, "card-1").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (newer.version, 20)),
+        other => panic!("expected a hit, got {other:?}"),
+    }
+    let mut member = app.member(&pos).await;
+    assert_eq!(
+        balance(&mut member, "card-1", 0).await.balance.unwrap(),
+        newer
+    );
+
+    // Concurrent writers of interleaved versions: the highest version always wins.
+    let writers = (1..=40).map(|version| {
+        let cache = cache.clone();
+        let id = merchant.id;
+        tokio::spawn(async move {
+            let state = AccountState {
+                available: version * 10,
+                version: 100 + version,
+                ..AccountState::default()
+            };
+            cache.put(id, "card-2", &state).await
+        })
+    });
+    futures::future::join_all(writers).await;
+    match cache.get(merchant.id, "card-2").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (140, 400)),
+        other => panic!("expected a hit, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_skips_an_older_cached_copy() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let receipt = app
+        .checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let version = receipt.balance.unwrap().version;
+
+    // Simulate a copy left behind by a replica whose cache write failed: overwrite the entry
+    // behind the script's back with an older version.
+    let key = format!("{}:{{m{}:ccard-1}}:state", app.key_prefix, merchant.id);
+    let mut redis = raw_redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&[
+            "v", "0", "a", "0", "p", "0", "le", "0", "lr", "0", "pc", "0",
+        ])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut member = app.member(&pos).await;
+    assert_eq!(
+        balance(&mut member, "card-1", 0)
+            .await
+            .balance
+            .unwrap()
+            .version,
+        0
+    );
+    let fresh = balance(&mut member, "card-1", version).await;
+    assert_eq!(fresh.balance.unwrap().version, version);
+    assert_eq!(fresh.balance.unwrap().available, 10);
+    // The Postgres read repaired the cache for everyone.
+    assert_eq!(
+        balance(&mut member, "card-1", 0)
+            .await
+            .balance
+            .unwrap()
+            .version,
+        version
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_works_with_redis_on_a_dead_port() {
+    let app = TestApp::spawn_with(Options {
+        redis_url: Some("redis://127.0.0.1:1".into()),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let mut member = app.member(&pos).await;
+    for i in 0..5 {
+        let receipt = checkout
+            .record_purchase(purchase("card-1", &format!("r-{i}"), 1000))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(receipt.balance.unwrap().available, 10 * (i + 1));
+        assert_eq!(available(&mut member, "card-1").await, 10 * (i + 1));
+    }
+    member
+        .enroll_customer(pb::EnrollCustomerRequest {
+            external_id: "card-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    member
+        .get_customer(pb::GetCustomerRequest {
+            external_id: "card-2".into(),
+        })
+        .await
+        .unwrap();
+    member
+        .list_ledger(pb::ListLedgerRequest {
+            external_id: "card-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    checkout
+        .quote_purchase(pb::QuotePurchaseRequest {
+            currency: "EUR".into(),
+            total_minor: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut program = app.program(&merchant.admin_key).await;
+    program.get_program(pb::GetProgramRequest {}).await.unwrap();
+
+    // The fallbacks are counted.
+    let metrics = app.metrics_text().await;
+    let failures = common::metric_value(
+        &metrics,
+        "loyalty_cache_operations_total",
+        &[("outcome", "error")],
+    ) + common::metric_value(
+        &metrics,
+        "loyalty_cache_operations_total",
+        &[("outcome", "skipped")],
+    );
+    assert!(failures >= 5.0, "cache failures not counted:\n{metrics}");
+    app.stop().await;
+}
+
+/// Redis goes away mid-use (the proxy cuts every connection) and comes back: no RPC fails,
+/// reads never show a balance older than the writes acknowledged meanwhile, and afterwards the
+/// cache holds the committed state again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_recovers_by_itself_and_never_serves_a_stale_balance() {
+    let redis_proxy = Proxy::start(common::socket_addr_of(&common::redis_url())).await;
+    let app = TestApp::spawn_with(Options {
+        redis_url: Some(format!("redis://{}", redis_proxy.addr)),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let mut member = app.member(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    assert_eq!(available(&mut member, "card-1").await, 10);
+
+    // Redis unreachable: the write commits, its cache update fails, and the old copy (10
+    // points) is still in Redis. Reads must not serve it.
+    redis_proxy.cut().await;
+    let receipt = checkout
+        .record_purchase(purchase("card-1", "r-2", 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.balance.unwrap().available, 20);
+    for _ in 0..5 {
+        assert_eq!(available(&mut member, "card-1").await, 20);
+    }
+
+    // Redis reachable again: even before the repair, reads stay correct; soon the cache holds
+    // the committed state and serves hits again.
+    redis_proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(available(&mut member, "card-1").await, 20);
+        if let CacheRead::Hit(state) = app.cache.get(merchant.id, "card-1").await
+            && state.available == 20
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cache did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits = app.metrics.cache_op_count("get", "hit");
+    assert_eq!(available(&mut member, "card-1").await, 20);
+    assert!(app.metrics.cache_op_count("get", "hit") > hits);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_with_the_cache_disabled() {
+    let app = TestApp::spawn_with(Options {
+        redis_url: None,
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    app.checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let mut member = app.member(&pos).await;
+    assert_eq!(available(&mut member, "card-1").await, 10);
+    assert!(!app.cache.is_enabled());
+    app.stop().await;
+}
+
+/// A cache write that fails after its commit is noted in Postgres, so another replica repairs
+/// the entry even when the replica that saw the failure is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_repairs_what_a_dead_one_could_not_write() {
+    let redis_proxy = Proxy::start(common::socket_addr_of(&common::redis_url())).await;
+    let mut first = TestApp::spawn_with(Options {
+        redis_url: Some(format!("redis://{}", redis_proxy.addr)),
+        ..Options::default()
+    })
+    .await;
+    let merchant = first.merchant().await;
+    let pos = first.key(&merchant, Scope::Pos).await;
+    let mut checkout = first.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+
+    // The first replica loses Redis, acknowledges a purchase it could not publish (Redis
+    // still holds the balance before it), and goes away before Redis is back.
+    redis_proxy.cut().await;
+    let acknowledged = checkout
+        .record_purchase(purchase("card-1", "r-2", 1000))
+        .await
+        .unwrap()
+        .into_inner()
+        .balance
+        .unwrap();
+    let noted: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+        .fetch_one(&first.pool)
+        .await
+        .unwrap();
+    assert_eq!(noted, 1);
+    first.shutdown_server().await;
+
+    // Another replica on the same database and Redis repairs the entry by itself.
+    let second = TestApp::spawn_with(Options {
+        database_url: Some(first.db.url.clone()),
+        key_prefix: Some(first.key_prefix.clone()),
+        ..Options::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let CacheRead::Hit(state) = second.cache.get(merchant.id, "card-1").await
+            && state.version == acknowledged.version
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale entry was not repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = balance(&mut second.member(&pos).await, "card-1", 0).await;
+    assert_eq!(shown.balance.unwrap(), acknowledged);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+        .fetch_one(&first.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A till retries when it did not hear the answer, e.g. because the server died between the
+/// commit and the cache update. The retry publishes the customer's current state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_purchase_publishes_the_current_state() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let second = purchase("card-1", "r-2", 1000);
+    checkout.record_purchase(second.clone()).await.unwrap();
+
+    // Redis still holds version 1, as if the server had died before publishing version 2.
+    let key = format!("{}:{{m{}:ccard-1}}:state", app.key_prefix, merchant.id);
+    let mut redis = raw_redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&[
+            "v", "1", "a", "10", "p", "0", "le", "10", "lr", "0", "pc", "1",
+        ])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    checkout.record_purchase(second.clone()).await.unwrap();
+    match app.cache.get(merchant.id, "card-1").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (2, 20)),
+        other => panic!("{other:?}"),
+    }
+
+    // Into an empty slot a replay puts the current state, not the one in its old receipt.
+    checkout
+        .record_purchase(purchase("card-1", "r-3", 1000))
+        .await
+        .unwrap();
+    app.cache.evict(merchant.id, "card-1").await.unwrap();
+    let replayed = checkout.record_purchase(second).await.unwrap().into_inner();
+    assert_eq!(replayed.balance.unwrap().version, 2);
+    match app.cache.get(merchant.id, "card-1").await {
+        CacheRead::Hit(state) => assert_eq!((state.version, state.available), (3, 30)),
+        other => panic!("{other:?}"),
+    }
+    app.stop().await;
+}
+
+/// A till that gives up (its deadline passes, or it hangs up) while the server is still
+/// writing the cache after the commit must not leave a stale entry that nobody knows about:
+/// the cache update runs to its end even though the request was abandoned, and its failure is
+/// noted, so a replica repairs the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_still_finishes_its_cache_update() {
+    let first = TestApp::spawn().await;
+    let merchant = first.merchant().await;
+    let pos = first.key(&merchant, Scope::Pos).await;
+    first
+        .checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let mut member = first.member(&pos).await;
+    assert_eq!(available(&mut member, "card-1").await, 10);
+
+    // A second replica on the same database and keys, whose Redis accepts connections and
+    // never answers: its cache write after the commit hangs for the cache timeout (1 s),
+    // well past the till's deadline (300 ms).
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black_hole_addr = black_hole.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let second = TestApp::spawn_with(Options {
+        database_url: Some(first.db.url.clone()),
+        key_prefix: Some(first.key_prefix.clone()),
+        redis_url: Some(format!("redis://{black_hole_addr}")),
+        cache_timeout: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let mut request = tonic::Request::new(purchase("card-1", "r-2", 1000));
+    request.set_timeout(Duration::from_millis(300));
+    let abandoned = second
+        .checkout(&pos)
+        .await
+        .record_purchase(request)
+        .await
+        .unwrap_err();
+    // tonic's client reports its own timeout as CANCELLED; the server's as DEADLINE_EXCEEDED.
+    assert!(
+        matches!(
+            abandoned.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{abandoned:?}"
+    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM purchases WHERE purchase_id = 'r-2'")
+            .fetch_one(&first.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "the purchase committed before the cache write");
+
+    // The first replica shows the committed balance once the noted repair is done, without
+    // any retry by the till.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while available(&mut member, "card-1").await != 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the cache kept the balance from before the abandoned purchase"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.stop().await;
+    holding.abort();
+    first.stop().await;
+}
