@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
+use common::cluster::free_port;
 use loyalty::pb;
 use tonic::transport::Channel;
 
@@ -33,14 +34,6 @@ fn json(output: &std::process::Output) -> serde_json::Value {
             String::from_utf8_lossy(&output.stdout)
         )
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

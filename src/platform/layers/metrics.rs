@@ -78,7 +78,8 @@ impl Drop for Recorder {
     }
 }
 
-fn status_code(headers: &http::HeaderMap) -> Option<Code> {
+/// The gRPC status in response headers (a trailers-only answer) or trailers.
+pub(crate) fn status_code(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
     Some(Code::from_i32(value.parse().ok()?))
 }

@@ -16,6 +16,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::platform::layers::metrics::status_code;
 use crate::telemetry::code_name;
 use crate::telemetry::throttle::LogThrottle;
 
@@ -57,11 +58,6 @@ fn callers_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
 fn fresh_request_id() -> HeaderValue {
     let id = format!("{:016x}", rand::random::<u64>());
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-fn status_code(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
-    Some(Code::from_i32(value.parse().ok()?))
 }
 
 /// Failures that are ours to look at, not the caller's.
