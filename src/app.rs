@@ -52,36 +52,52 @@ fn loyalty_services(parts: &Parts, program_cache: &ProgramCache) -> Vec<Service>
 
 /// gRPC health: public; `Watch` is a stream.
 const HEALTH: Declaration = Declaration {
-    name: "grpc.health.v1.Health",
+    name: tonic_health::pb::health_server::SERVICE_NAME,
     methods: &[
         Method::unary("Check", Access::Public),
         Method::streaming("Watch", Access::Public),
     ],
-    reports_health: false,
 };
 
 /// gRPC reflection, both versions in use: public streams.
-const REFLECTION: [Declaration; 2] = [
-    Declaration {
-        name: "grpc.reflection.v1.ServerReflection",
-        methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
-        reports_health: false,
-    },
-    Declaration {
-        name: "grpc.reflection.v1alpha.ServerReflection",
-        methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
-        reports_health: false,
-    },
-];
+const REFLECTION_V1: Declaration = Declaration {
+    name: tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+    methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
+};
+const REFLECTION_V1ALPHA: Declaration = Declaration {
+    name: tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    methods: &[Method::streaming("ServerReflectionInfo", Access::Public)],
+};
 
-/// The declarations of everything the server serves: its services, health and reflection.
-fn declarations(services: &[Service]) -> Vec<Declaration> {
-    services
-        .iter()
-        .map(|service| service.declaration)
-        .chain([HEALTH])
-        .chain(REFLECTION)
-        .collect()
+/// Health and reflection, declared and capped like every other service.
+fn public_services(
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    max_message: usize,
+) -> Result<Vec<Service>, Error> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(vec![
+        Service::new(HEALTH, health.max_decoding_message_size(max_message)),
+        Service::new(
+            REFLECTION_V1,
+            reflection()
+                .build_v1()
+                .map_err(Error::internal)?
+                .max_decoding_message_size(max_message),
+        ),
+        Service::new(
+            REFLECTION_V1ALPHA,
+            reflection()
+                .build_v1alpha()
+                .map_err(Error::internal)?
+                .max_decoding_message_size(max_message),
+        ),
+    ])
 }
 
 pub struct Application {
@@ -130,9 +146,8 @@ impl Application {
             config.rate_limit,
         ));
         let parts = Parts {
-            publisher: Publisher::new(store.clone(), cache.clone()),
+            publisher: Publisher::new(store.clone(), cache),
             store,
-            cache,
             clock,
             max_message_bytes: config.max_message_bytes,
         };
@@ -172,7 +187,7 @@ impl Application {
     }
 
     pub fn cache(&self) -> &Cache {
-        &self.parts.cache
+        self.parts.publisher.cache()
     }
 
     /// The cache's publisher and repairer (tests run a repair pass by hand).
@@ -204,23 +219,18 @@ impl Application {
         let (draining_tx, draining_rx) = watch::channel(false);
         let mut background = Vec::new();
 
-        let mut services = loyalty_services(&parts, &program_cache);
-        services.extend(extra_services);
-        let declarations = declarations(&services);
-        let methods = Arc::new(MethodTable::new(&declarations));
-
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let mut services = loyalty_services(&parts, &program_cache);
         let probe = HealthProbe {
             store: parts.store.clone(),
             reporter: health_reporter,
             metrics: metrics.clone(),
             max_connections: config.database.max_connections,
-            services: declarations
-                .iter()
-                .filter(|d| d.reports_health)
-                .map(|d| d.name)
-                .collect(),
+            services: services.iter().map(|s| s.declaration.name).collect(),
         };
+        services.extend(extra_services);
+        services.extend(public_services(health_service, config.max_message_bytes)?);
+        let methods = Arc::new(MethodTable::new(services.iter().map(|s| &s.declaration)));
         // Every service has a status before the first request can arrive.
         probe.run().await;
         background.push(jobs::health_probe(
@@ -237,25 +247,7 @@ impl Application {
             background.push(serve_metrics(listener, metrics.clone(), stop_rx.clone()));
         }
 
-        let max_message = config.max_message_bytes;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(Error::internal)?
-            .max_decoding_message_size(max_message);
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(Error::internal)?
-            .max_decoding_message_size(max_message);
-
         let mut routes = RoutesBuilder::default();
-        routes
-            .add_service(health_service.max_decoding_message_size(max_message))
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
         for service in services {
             service.add_to(&mut routes);
         }
@@ -266,26 +258,18 @@ impl Application {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(1024))
-            .layer(RequestSpanLayer)
-            .layer(MetricsLayer::new(metrics.clone(), methods.clone()))
+            .layer(RequestSpanLayer::new(methods))
+            .layer(MetricsLayer::new(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(
                 unreadable_request_status,
             ))
-            .layer(DeadlineLayer::new(config.request_timeout, methods.clone()))
-            .layer(ShedLayer::new(
-                config.max_in_flight,
-                config.queue_timeout,
-                methods.clone(),
-            ))
-            .layer(AuthLayer::new(authenticator, methods.clone()))
-            .layer(StreamsLayer::new(
-                config.max_streams,
-                methods.clone(),
-                draining_rx.clone(),
-            ))
+            .layer(DeadlineLayer::new(config.request_timeout))
+            .layer(ShedLayer::new(config.max_in_flight, config.queue_timeout))
+            .layer(AuthLayer::new(authenticator))
+            .layer(StreamsLayer::new(config.max_streams, draining_rx.clone()))
             .add_routes(routes.routes());
 
-        tracing::info!(%addr, cache = parts.cache.is_enabled(), "serving gRPC");
+        tracing::info!(%addr, cache = parts.publisher.cache().is_enabled(), "serving gRPC");
         let mut draining = draining_rx;
         let signal = async move {
             shutdown.await;
@@ -414,11 +398,9 @@ mod tests {
             statement_timeout: Duration::from_millis(10),
         })
         .unwrap();
-        let cache = Cache::disabled();
         let parts = Parts {
-            publisher: Publisher::new(store.clone(), cache.clone()),
+            publisher: Publisher::new(store.clone(), Cache::disabled()),
             store,
-            cache,
             clock: Arc::new(SystemClock),
             max_message_bytes: 1024,
         };
@@ -427,14 +409,21 @@ mod tests {
 
     #[tokio::test]
     async fn scopes_by_method() {
-        let table = MethodTable::new(&declarations(&services()));
-        let allows = |path: &str, scope: Scope| match table.access(path) {
+        let services = services();
+        let declarations = services.iter().map(|s| &s.declaration);
+        let table = MethodTable::new(declarations.chain([&HEALTH, &REFLECTION_V1]));
+        let allows = |path: &str, scope: Scope| match table.route(path).access {
             Access::Scopes(scopes) => scopes.contains(&scope),
             Access::Public => panic!("{path} is public"),
         };
-        assert_eq!(table.access("/grpc.health.v1.Health/Check"), Access::Public);
         assert_eq!(
-            table.access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            table.route("/grpc.health.v1.Health/Check").access,
+            Access::Public
+        );
+        assert_eq!(
+            table
+                .route("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+                .access,
             Access::Public
         );
         assert!(allows(
@@ -468,10 +457,13 @@ mod tests {
         ));
         assert!(allows("/loyalty.v2.Anything/Else", Scope::Admin));
         assert!(!allows("/loyalty.v2.Anything/Else", Scope::Pos));
+        // Undeclared paths fail closed, wherever they point.
+        assert!(!allows("/grpc.health.v1.Health/Unknown", Scope::Pos));
+        assert!(allows("/other.Service/Method", Scope::Admin));
     }
 
     /// A method added to a proto but not to its feature's declaration would get no scopes;
-    /// this keeps the two equal.
+    /// this keeps the two equal (a method declared twice would show up twice here).
     #[tokio::test]
     async fn every_rpc_of_the_api_is_declared_once_with_its_kind() {
         let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
@@ -489,7 +481,7 @@ mod tests {
                 }
             }
         }
-        let declared: BTreeSet<_> = services()
+        let mut declared: Vec<_> = services()
             .iter()
             .flat_map(|service| {
                 let name = service.declaration.name;
@@ -502,6 +494,7 @@ mod tests {
                 })
             })
             .collect();
-        assert_eq!(declared, in_proto);
+        declared.sort();
+        assert_eq!(declared, in_proto.into_iter().collect::<Vec<_>>());
     }
 }

@@ -33,6 +33,6 @@ pub use platform::cache::{Cache, CacheConfig, CacheRead, CacheWrite};
 pub use platform::cache_repair::Publisher;
 pub use platform::caller::{MerchantId, Scope};
 pub use platform::rate_limit::RateLimit;
-pub use platform::service::{Access, Declaration, Kind, Method, Service};
+pub use platform::service::{Access, Declaration, Method, Service};
 pub use platform::store::{DatabaseConfig, MIGRATOR, Store};
 pub use telemetry::{Metrics, code_name};

@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-
 use crate::access::rules::{KeyHash, SecretKey};
 use crate::access::store;
 use crate::error::Error;
@@ -110,11 +108,11 @@ impl Authenticator {
 }
 
 impl Authenticate for Authenticator {
-    fn authenticate<'a>(
-        &'a self,
-        authorization: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Caller, Error>> {
-        Box::pin(Authenticator::authenticate(self, authorization))
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> impl Future<Output = Result<Caller, Error>> + Send {
+        Authenticator::authenticate(self, authorization)
     }
 
     fn check_rate(&self, caller: &Caller) -> Result<(), Error> {

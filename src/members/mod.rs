@@ -24,7 +24,6 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("GetBalance", READ),
         Method::unary("ListLedger", READ),
     ],
-    reports_health: true,
 };
 
 /// The use cases of members. Cheap to clone.

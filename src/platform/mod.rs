@@ -20,7 +20,6 @@ pub mod validation;
 
 use std::sync::Arc;
 
-use crate::platform::cache::Cache;
 use crate::platform::cache_repair::Publisher;
 use crate::platform::clock::Clock;
 use crate::platform::store::Store;
@@ -29,7 +28,6 @@ use crate::platform::store::Store;
 #[derive(Clone)]
 pub struct Parts {
     pub store: Store,
-    pub cache: Cache,
     /// Publishes committed account states to the cache (and repairs failed publications).
     pub publisher: Publisher,
     pub clock: Arc<dyn Clock>,

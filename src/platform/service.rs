@@ -2,10 +2,12 @@
 //! scopes that may call it and its kind (unary or streaming), and the server itself. `app.rs`
 //! registers services, health statuses, the scope table and the limits from these
 //! declarations in one loop; nothing else repeats a service or method name.
+//!
+//! The outermost layer resolves a request's path once into a [`Route`] and attaches it to the
+//! request; the inner layers read it with [`route_of`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -70,11 +72,9 @@ impl Method {
 /// What a feature declares of its service.
 #[derive(Debug, Clone, Copy)]
 pub struct Declaration {
-    /// The full proto name, e.g. `loyalty.v1.CheckoutService` (from the generated code).
+    /// The full proto name, e.g. `loyalty.v1.CheckoutService` (the generated `SERVICE_NAME`).
     pub name: &'static str,
     pub methods: &'static [Method],
-    /// Whether the health service reports a status for it (every loyalty service does).
-    pub reports_health: bool,
 }
 
 /// A declared service, ready to be added to the server.
@@ -95,7 +95,8 @@ impl Service {
             + 'static,
         S::Future: Send + 'static,
     {
-        debug_assert_eq!(
+        // A wrong name would leave the real paths undeclared; checked once, at start-up.
+        assert_eq!(
             declaration.name,
             S::NAME,
             "declaration of the wrong service"
@@ -113,6 +114,35 @@ impl Service {
     }
 }
 
+/// What the layers need to know of a request's method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Whether the server declares the method (metrics label the rest "unknown").
+    pub known: bool,
+    pub kind: Kind,
+    pub access: Access,
+}
+
+impl Route {
+    /// An undeclared path: it answers once (UNIMPLEMENTED), and only to an admin key, so a
+    /// service whose declaration went missing fails closed, never open.
+    pub const UNKNOWN: Route = Route {
+        known: false,
+        kind: Kind::Unary,
+        access: ADMIN,
+    };
+}
+
+/// The route the outermost layer attached to the request; [`Route::UNKNOWN`] if none was
+/// (fail closed).
+pub fn route_of<B>(request: &http::Request<B>) -> Route {
+    request
+        .extensions()
+        .get::<Route>()
+        .copied()
+        .unwrap_or(Route::UNKNOWN)
+}
+
 /// Every method path the server knows, with its access and kind: the scope table of the auth
 /// layer and the method table of the limits. Built from the declarations.
 #[derive(Debug, Default)]
@@ -120,43 +150,29 @@ pub struct MethodTable {
     methods: HashMap<String, Method>,
 }
 
-/// Looked up by the layers; shared.
-pub type Methods = Arc<MethodTable>;
-
 impl MethodTable {
+    /// Panics (at start-up) if two declarations name the same method.
     pub fn new<'a>(declarations: impl IntoIterator<Item = &'a Declaration>) -> MethodTable {
         let mut methods = HashMap::new();
         for declaration in declarations {
             for method in declaration.methods {
-                methods.insert(format!("/{}/{}", declaration.name, method.name), *method);
+                let path = format!("/{}/{}", declaration.name, method.name);
+                let earlier = methods.insert(path.clone(), *method);
+                assert!(earlier.is_none(), "{path} is declared twice");
             }
         }
         MethodTable { methods }
     }
 
-    /// The method at a request path, if the server knows it.
-    pub fn get(&self, path: &str) -> Option<&Method> {
-        self.methods.get(path)
-    }
-
-    /// Who may call the method at `path`. An unknown path under our own package needs an
-    /// admin key (only an admin gets as far as UNIMPLEMENTED); any other unknown path is left
-    /// to the router (UNIMPLEMENTED for everyone).
-    pub fn access(&self, path: &str) -> Access {
+    /// The route of a request path.
+    pub fn route(&self, path: &str) -> Route {
         match self.methods.get(path) {
-            Some(method) => method.access,
-            None if path.starts_with("/loyalty.") => ADMIN,
-            None => Access::Public,
+            Some(method) => Route {
+                known: true,
+                kind: method.kind,
+                access: method.access,
+            },
+            None => Route::UNKNOWN,
         }
-    }
-
-    /// How the method at `path` answers; unknown methods answer once (UNIMPLEMENTED).
-    pub fn kind(&self, path: &str) -> Kind {
-        self.methods.get(path).map_or(Kind::Unary, |m| m.kind)
-    }
-
-    /// Whether `path` is one of the server's methods (metrics label the rest "unknown").
-    pub fn knows(&self, path: &str) -> bool {
-        self.methods.contains_key(path)
     }
 }

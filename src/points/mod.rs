@@ -31,7 +31,6 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("QuotePurchase", POS),
         Method::unary("RecordPurchase", POS),
     ],
-    reports_health: true,
 };
 
 /// The use cases of points. Cheap to clone.

@@ -156,12 +156,9 @@ pub async fn enroll_on_purchase(
         return Ok(id);
     }
     // A concurrent request enrolled them first; it has committed (ON CONFLICT waited for it).
-    sqlx::query_scalar("SELECT id FROM customers WHERE merchant_id = $1 AND external_id = $2")
-        .bind(merchant.0)
-        .bind(external_id)
-        .fetch_one(conn)
-        .await
-        .map_err(db_error)
+    customer_id(conn, merchant, external_id)
+        .await?
+        .ok_or_else(|| Error::internal("a customer enrolled concurrently cannot be found"))
 }
 
 /// Up to `page.size + 1` entries older than the page's cursor (the extra one tells the caller

@@ -20,7 +20,6 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("GetProgram", ADMIN),
         Method::unary("UpdateProgram", ADMIN),
     ],
-    reports_health: true,
 };
 
 /// The use cases of programs. Cheap to clone.

@@ -48,7 +48,7 @@ impl ProgramCache {
             .cloned()
     }
 
-    pub(crate) fn remember(&self, merchant: MerchantId, program: Arc<Program>) {
+    fn remember(&self, merchant: MerchantId, program: Arc<Program>) {
         let mut programs = self.programs.write().unwrap_or_else(|e| e.into_inner());
         let newer = programs
             .get(&merchant)

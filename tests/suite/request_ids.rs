@@ -123,3 +123,94 @@ async fn a_failing_request_is_logged_with_its_request_id_and_merchant() {
     drop(store);
     db.drop_database().await;
 }
+
+/// A PostgreSQL outage under load fails every request the same way; the log must tell the
+/// story in a few lines, not one line (or three) per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_under_load_writes_a_bounded_number_of_log_lines() {
+    const REQUESTS: usize = 2_000;
+    let db = TestDb::create().await;
+    let store = Store::from_pool(db.pool().await);
+    let (_, admin) = loyalty::create_merchant(&store, "Shop", "EUR")
+        .await
+        .unwrap();
+    let proxy = common::proxy::Proxy::start(common::socket_addr_of(&db.url)).await;
+    let mut server = ServerProcess::spawn_with(
+        &common::with_host(&db.url, proxy.addr),
+        &common::redis_url(),
+        &format!("test:{}", db.name),
+        &[
+            ("RUST_LOG", "info"),
+            ("LOYALTY_DB_ACQUIRE_TIMEOUT_MS", "20"),
+            ("LOYALTY_KEY_CACHE_TTL_MS", "600000"),
+        ],
+    );
+    server.wait_serving(Duration::from_secs(20)).await;
+    let channel = Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", admin.secret.expose()).parse().unwrap();
+    let member = pb::member_service_client::MemberServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+            Ok(request)
+        },
+    );
+    // The key is verified (and cached) while PostgreSQL is up.
+    let status = member
+        .clone()
+        .get_balance(balance_of("nobody", None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let logged_before = server.log().lines().count();
+
+    proxy.cut().await;
+    let mut lanes = Vec::new();
+    for lane in 0..32 {
+        let mut member = member.clone();
+        lanes.push(tokio::spawn(async move {
+            let mut unavailable = 0;
+            for i in (lane..REQUESTS).step_by(32) {
+                let external_id = format!("card-{i}");
+                match member.get_balance(balance_of(&external_id, None)).await {
+                    Err(status) if status.code() == Code::Unavailable => unavailable += 1,
+                    other => panic!("expected UNAVAILABLE during the outage, got {other:?}"),
+                }
+            }
+            unavailable
+        }));
+    }
+    let mut unavailable = 0;
+    for lane in lanes {
+        unavailable += lane.await.unwrap();
+    }
+    assert_eq!(unavailable, REQUESTS);
+    server.kill9();
+
+    let logs = server.log();
+    let outage: Vec<serde_json::Value> = logs
+        .lines()
+        .skip(logged_before)
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let count = |message: &str| outage.iter().filter(|l| l["message"] == message).count();
+    // The throttle's budget: 10 "database unavailable" lines a minute; the failed requests
+    // themselves are logged at debug level only.
+    assert!(count("database unavailable") >= 1, "{logs}");
+    assert!(count("database unavailable") <= 10, "{logs}");
+    assert!(
+        outage.len() <= 100,
+        "{} lines for {REQUESTS} failed requests:\n{logs}",
+        outage.len()
+    );
+    drop(proxy);
+    drop(store);
+    db.drop_database().await;
+}

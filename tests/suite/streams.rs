@@ -161,3 +161,41 @@ async fn a_graceful_shutdown_ends_open_streams_at_once() {
     );
     app.stop().await;
 }
+
+/// A stream refused before its first message (here: a compression the server does not
+/// support) must end in its headers, as gRPC's trailers-only answer; clients other than
+/// tonic's (grpc-go, grpc-java, grpcurl) report INTERNAL when the trailers never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_at_once_ends_in_its_headers() {
+    let app = TestApp::spawn().await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Watch", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "gzip")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(&[1, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("12"),
+        "{response:?}"
+    );
+    assert!(
+        response.body().is_end_stream(),
+        "the refusal must end the stream in its headers"
+    );
+    app.stop().await;
+}

@@ -22,7 +22,6 @@ pub const DECLARATION: Declaration = Declaration {
         "Ticks",
         Access::Scopes(&[Scope::App, Scope::Pos, Scope::Admin]),
     )],
-    reports_health: false,
 };
 
 pub type ProbeClient<T> = pb::probe_service_client::ProbeServiceClient<T>;

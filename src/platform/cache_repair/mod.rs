@@ -5,6 +5,8 @@
 
 mod store;
 
+use tracing::Instrument;
+
 use crate::platform::account::{self, AccountState};
 use crate::platform::cache::{Cache, CacheWrite};
 use crate::platform::caller::MerchantId;
@@ -41,19 +43,25 @@ impl Publisher {
         let store = self.store.clone();
         let external_id = external_id.to_string();
         let state = *state;
-        let publishing = tokio::spawn(async move {
-            if cache.put_after_commit(merchant, &external_id, &state).await != CacheWrite::Failed {
-                return;
+        // The task keeps the request's span, so its log lines still carry the request id.
+        let publishing = tokio::spawn(
+            async move {
+                if cache.put_after_commit(merchant, &external_id, &state).await
+                    != CacheWrite::Failed
+                {
+                    return;
+                }
+                let noted = async {
+                    let mut conn = store.acquire().await?;
+                    store::note(&mut conn, merchant, &external_id).await
+                };
+                if let Err(error) = noted.await {
+                    // This replica still skips the entry and repairs it from memory.
+                    tracing::warn!(%error, %merchant, "could not note a cache repair in postgres");
+                }
             }
-            let noted = async {
-                let mut conn = store.acquire().await?;
-                store::note(&mut conn, merchant, &external_id).await
-            };
-            if let Err(error) = noted.await {
-                // This replica still skips the entry and repairs it from memory.
-                tracing::warn!(%error, %merchant, "could not note a cache repair in postgres");
-            }
-        });
+            .in_current_span(),
+        );
         if let Err(error) = publishing.await {
             tracing::error!(%error, %merchant, "publishing a committed state failed");
         }

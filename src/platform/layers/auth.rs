@@ -14,58 +14,68 @@ use tower::{Layer, Service};
 
 use crate::error::Error;
 use crate::platform::caller::Caller;
-use crate::platform::service::{Access, Methods};
+use crate::platform::service::{Access, route_of};
 
 /// What the layer asks of whoever knows the keys (`access::Authenticator`).
 pub trait Authenticate: Send + Sync + 'static {
     /// Resolves the value of an `authorization` header (`Bearer <key>`) to the caller.
-    fn authenticate<'a>(
-        &'a self,
-        authorization: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Caller, Error>>;
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> impl Future<Output = Result<Caller, Error>> + Send;
 
     /// Takes one request from the caller's budget.
     fn check_rate(&self, caller: &Caller) -> Result<(), Error>;
 }
 
-#[derive(Clone)]
-pub struct AuthLayer {
-    authenticator: Arc<dyn Authenticate>,
-    methods: Methods,
+pub struct AuthLayer<A> {
+    authenticator: Arc<A>,
 }
 
-impl AuthLayer {
-    pub fn new(authenticator: Arc<dyn Authenticate>, methods: Methods) -> AuthLayer {
+impl<A> AuthLayer<A> {
+    pub fn new(authenticator: Arc<A>) -> AuthLayer<A> {
+        AuthLayer { authenticator }
+    }
+}
+
+impl<A> Clone for AuthLayer<A> {
+    fn clone(&self) -> Self {
         AuthLayer {
-            authenticator,
-            methods,
+            authenticator: self.authenticator.clone(),
         }
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
+impl<S, A> Layer<S> for AuthLayer<A> {
+    type Service = AuthService<S, A>;
 
     fn layer(&self, inner: S) -> Self::Service {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
-            methods: self.methods.clone(),
         }
     }
 }
 
-#[derive(Clone)]
-pub struct AuthService<S> {
+pub struct AuthService<S, A> {
     inner: S,
-    authenticator: Arc<dyn Authenticate>,
-    methods: Methods,
+    authenticator: Arc<A>,
 }
 
-impl<S> Service<http::Request<Body>> for AuthService<S>
+impl<S: Clone, A> Clone for AuthService<S, A> {
+    fn clone(&self) -> Self {
+        AuthService {
+            inner: self.inner.clone(),
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+impl<S, A> Service<http::Request<Body>> for AuthService<S, A>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    A: Authenticate,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -76,7 +86,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let Access::Scopes(scopes) = self.methods.access(request.uri().path()) else {
+        let Access::Scopes(scopes) = route_of(&request).access else {
             return Box::pin(self.inner.call(request));
         };
         // The clone that was not polled ready stays here; the ready one serves this request.

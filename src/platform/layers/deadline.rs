@@ -11,7 +11,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::platform::service::{Kind, Methods};
+use crate::platform::service::{Kind, route_of};
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -43,12 +43,11 @@ pub fn client_timeout<B>(request: &http::Request<B>) -> Option<Duration> {
 #[derive(Clone)]
 pub struct DeadlineLayer {
     max: Duration,
-    methods: Methods,
 }
 
 impl DeadlineLayer {
-    pub fn new(max: Duration, methods: Methods) -> DeadlineLayer {
-        DeadlineLayer { max, methods }
+    pub fn new(max: Duration) -> DeadlineLayer {
+        DeadlineLayer { max }
     }
 }
 
@@ -59,7 +58,6 @@ impl<S> Layer<S> for DeadlineLayer {
         Deadline {
             inner,
             max: self.max,
-            methods: self.methods.clone(),
         }
     }
 }
@@ -68,7 +66,6 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct Deadline<S> {
     inner: S,
     max: Duration,
-    methods: Methods,
 }
 
 impl<S> Service<http::Request<Body>> for Deadline<S>
@@ -85,7 +82,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if self.methods.kind(request.uri().path()) == Kind::Streaming {
+        if route_of(&request).kind == Kind::Streaming {
             return Box::pin(self.inner.call(request));
         }
         let requested = client_timeout(&request);

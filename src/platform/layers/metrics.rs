@@ -13,20 +13,19 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use crate::platform::service::Methods;
+use crate::platform::service::route_of;
 use crate::telemetry::Metrics;
 
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Metrics,
-    methods: Methods,
 }
 
 impl MetricsLayer {
     /// Methods the server does not declare are counted as "unknown", so probes cannot blow
     /// up the label cardinality.
-    pub fn new(metrics: Metrics, methods: Methods) -> MetricsLayer {
-        MetricsLayer { metrics, methods }
+    pub fn new(metrics: Metrics) -> MetricsLayer {
+        MetricsLayer { metrics }
     }
 }
 
@@ -37,7 +36,6 @@ impl<S> Layer<S> for MetricsLayer {
         MetricsService {
             inner,
             metrics: self.metrics.clone(),
-            methods: self.methods.clone(),
         }
     }
 }
@@ -46,7 +44,6 @@ impl<S> Layer<S> for MetricsLayer {
 pub struct MetricsService<S> {
     inner: S,
     metrics: Metrics,
-    methods: Methods,
 }
 
 /// Records one request when its status becomes known. A request abandoned before that (the
@@ -98,9 +95,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let path = request.uri().path();
-        let method = if self.methods.knows(path) {
-            path.to_string()
+        let method = if route_of(&request).known {
+            request.uri().path().to_string()
         } else {
             "unknown".to_string()
         };

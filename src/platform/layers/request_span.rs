@@ -1,12 +1,16 @@
-//! The outermost layer: every RPC runs in a `rpc` span carrying its method, a request id and,
-//! once the auth layer knows them, the merchant and key id, so every log line written while
-//! the request is handled carries them too (and OTLP exports the span when configured).
+//! The outermost layer: it resolves the request's method once (the [`Route`] the inner layers
+//! read), and runs the RPC in a `rpc` span carrying its method, a request id and, once the
+//! auth layer knows them, the merchant and key id, so every log line written while the
+//! request is handled carries them too (and OTLP exports the span when configured).
 //!
 //! The request id is the caller's `x-request-id` when it sends a usable one, a fresh random id
 //! otherwise; it is returned in the response metadata either way, so a caller can quote it.
-//! Failures are logged once per request: server-side ones (INTERNAL, UNAVAILABLE, ...) as
-//! warnings, rate-limited; the caller's own mistakes only at debug level.
+//! Failures are logged where they happen, with their cause (a database error, an internal
+//! error), inside this span; here every failed request gets one line at debug level, except a
+//! deadline the server itself enforced, which nothing deeper logs: that one is a warning,
+//! rate-limited.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -17,6 +21,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::platform::layers::metrics::status_code;
+use crate::platform::service::MethodTable;
 use crate::telemetry::code_name;
 use crate::telemetry::throttle::LogThrottle;
 
@@ -26,22 +31,34 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Longest request id taken from a caller; a longer one is replaced by a fresh id.
 const MAX_REQUEST_ID_CHARS: usize = 128;
 
-static FAILED_REQUESTS: LogThrottle = LogThrottle::per_minute(60);
+static DEADLINES_EXCEEDED: LogThrottle = LogThrottle::per_minute(60);
 
-#[derive(Clone, Default)]
-pub struct RequestSpanLayer;
+#[derive(Clone)]
+pub struct RequestSpanLayer {
+    methods: Arc<MethodTable>,
+}
+
+impl RequestSpanLayer {
+    pub fn new(methods: Arc<MethodTable>) -> RequestSpanLayer {
+        RequestSpanLayer { methods }
+    }
+}
 
 impl<S> Layer<S> for RequestSpanLayer {
     type Service = RequestSpan<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestSpan { inner }
+        RequestSpan {
+            inner,
+            methods: self.methods.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RequestSpan<S> {
     inner: S,
+    methods: Arc<MethodTable>,
 }
 
 /// The caller's request id if it is one we can log and echo safely.
@@ -60,18 +77,6 @@ fn fresh_request_id() -> HeaderValue {
     HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Failures that are ours to look at, not the caller's.
-fn is_server_side(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Internal
-            | Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::DataLoss
-    )
-}
-
 impl<S> Service<http::Request<Body>> for RequestSpan<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
@@ -85,7 +90,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let route = self.methods.route(request.uri().path());
+        request.extensions_mut().insert(route);
         let request_id = callers_request_id(request.headers()).unwrap_or_else(fresh_request_id);
         let span = tracing::info_span!(
             "rpc",
@@ -111,13 +118,14 @@ where
 
 /// Logs a request that failed (its status known from the response headers).
 fn log_failure(code: Code) {
-    if code == Code::Ok {
-        return;
-    }
-    if !is_server_side(code) {
-        tracing::debug!(code = code_name(code), "request failed");
-    } else if let Some(suppressed) = FAILED_REQUESTS.admit() {
-        tracing::warn!(code = code_name(code), suppressed, "request failed");
+    match code {
+        Code::Ok => {}
+        Code::DeadlineExceeded => {
+            if let Some(suppressed) = DEADLINES_EXCEEDED.admit() {
+                tracing::warn!(code = code_name(code), suppressed, "request failed");
+            }
+        }
+        _ => tracing::debug!(code = code_name(code), "request failed"),
     }
 }
 

@@ -13,21 +13,19 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::platform::service::{Kind, Methods};
+use crate::platform::service::{Kind, route_of};
 
 #[derive(Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
     queue_timeout: Duration,
-    methods: Methods,
 }
 
 impl ShedLayer {
-    pub fn new(max_in_flight: usize, queue_timeout: Duration, methods: Methods) -> ShedLayer {
+    pub fn new(max_in_flight: usize, queue_timeout: Duration) -> ShedLayer {
         ShedLayer {
-            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            permits: Arc::new(Semaphore::new(max_in_flight)),
             queue_timeout,
-            methods,
         }
     }
 }
@@ -40,7 +38,6 @@ impl<S> Layer<S> for ShedLayer {
             inner,
             permits: self.permits.clone(),
             queue_timeout: self.queue_timeout,
-            methods: self.methods.clone(),
         }
     }
 }
@@ -50,7 +47,6 @@ pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
     queue_timeout: Duration,
-    methods: Methods,
 }
 
 impl<S> Service<http::Request<Body>> for Shed<S>
@@ -67,7 +63,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if self.methods.kind(request.uri().path()) == Kind::Streaming {
+        if route_of(&request).kind == Kind::Streaming {
             return Box::pin(self.inner.call(request));
         }
         let clone = self.inner.clone();

@@ -7,7 +7,11 @@
 //! * it is not cut by the server's unary deadline; a deadline the client sent (`grpc-timeout`)
 //!   still ends it, with DEADLINE_EXCEEDED;
 //! * it ends cleanly with UNAVAILABLE when the server starts to shut down, so a graceful
-//!   shutdown never waits its whole grace period for watchers that would never hang up.
+//!   shutdown never waits its whole grace period for watchers that would never hang up (a
+//!   client that stops reading is only ended when hyper next polls the stream, at the latest
+//!   when the grace period is over);
+//! * the handler's set-up before the first message runs under the same two bounds; a stream
+//!   refused at once (its status in the headers) is passed through as it is.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,21 +28,20 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::platform::layers::deadline::client_timeout;
-use crate::platform::service::{Kind, Methods};
+use crate::platform::layers::metrics::status_code;
+use crate::platform::service::{Kind, route_of};
 
 #[derive(Clone)]
 pub struct StreamsLayer {
     permits: Arc<Semaphore>,
-    methods: Methods,
     draining: watch::Receiver<bool>,
 }
 
 impl StreamsLayer {
     /// `draining` turns true when the server starts to shut down.
-    pub fn new(max_streams: usize, methods: Methods, draining: watch::Receiver<bool>) -> Self {
+    pub fn new(max_streams: usize, draining: watch::Receiver<bool>) -> Self {
         StreamsLayer {
             permits: Arc::new(Semaphore::new(max_streams)),
-            methods,
             draining,
         }
     }
@@ -75,36 +78,58 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if self.layer.methods.kind(request.uri().path()) != Kind::Streaming {
+        if route_of(&request).kind != Kind::Streaming {
             return Box::pin(self.inner.call(request));
+        }
+        if *self.layer.draining.borrow() {
+            return Box::pin(async { Ok(shutting_down().into_http()) });
         }
         let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
             return Box::pin(async {
                 Ok(Status::resource_exhausted("too many open streams, retry later").into_http())
             });
         };
-        if *self.layer.draining.borrow() {
-            return Box::pin(async { Ok(shutting_down().into_http()) });
-        }
-        let deadline = client_timeout(&request).map(|d| Box::pin(tokio::time::sleep(d)));
+        let mut deadline = client_timeout(&request).map(|d| Box::pin(tokio::time::sleep(d)));
         let mut draining = self.layer.draining.clone();
         let future = self.inner.call(request);
         Box::pin(async move {
-            let response = future.await?;
+            let mut draining: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                // A dropped sender (server gone) counts as draining too.
+                let _ = draining.wait_for(|draining| *draining).await;
+            });
+            // The handler's own set-up runs under the same bounds as its stream.
+            let response = tokio::select! {
+                response = future => response?,
+                () = &mut draining => return Ok(shutting_down().into_http()),
+                () = passed(&mut deadline) => return Ok(deadline_exceeded().into_http()),
+            };
+            // Refused at once (the status is in the headers): nothing left to guard.
+            if status_code(response.headers()).is_some() {
+                return Ok(response);
+            }
             let (parts, body) = response.into_parts();
             let guarded = GuardedBody {
                 inner: body,
                 _permit: permit,
-                draining: Box::pin(async move {
-                    // A dropped sender (server gone) counts as draining too.
-                    let _ = draining.wait_for(|draining| *draining).await;
-                }),
+                draining,
                 deadline,
                 ended: false,
             };
             Ok(http::Response::from_parts(parts, Body::new(guarded)))
         })
     }
+}
+
+/// Completes when the client's deadline, if it sent one, has passed.
+async fn passed(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("deadline exceeded")
 }
 
 fn shutting_down() -> Status {
@@ -125,10 +150,8 @@ impl GuardedBody {
     fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.ended = true;
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", (status.code() as i32).into());
-        if let Ok(message) = http::HeaderValue::from_str(status.message()) {
-            trailers.insert("grpc-message", message);
-        }
+        // Our own fixed messages: encoding them cannot fail.
+        let _ = status.add_header(&mut trailers);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
@@ -150,17 +173,19 @@ impl HttpBody for GuardedBody {
         if let Some(deadline) = self.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
-            return self.end_with(Status::deadline_exceeded("deadline exceeded"));
+            return self.end_with(deadline_exceeded());
         }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            self.ended = true;
+        match &frame {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.ended = true,
+            _ => {}
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
