@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -71,7 +71,8 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    /// Unary calls pass straight through, without a box of their own.
+    type Future = Either<S::Future, BoxFuture<'static, Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -79,20 +80,20 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if route_of(&request).kind != Kind::Streaming {
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         }
         if *self.layer.draining.borrow() {
-            return Box::pin(async { Ok(shutting_down().into_http()) });
+            return Either::Right(Box::pin(async { Ok(shutting_down().into_http()) }));
         }
         let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            return Box::pin(async {
+            return Either::Right(Box::pin(async {
                 Ok(Status::resource_exhausted("too many open streams, retry later").into_http())
-            });
+            }));
         };
         let mut deadline = client_timeout(&request).map(|d| Box::pin(tokio::time::sleep(d)));
         let mut draining = self.layer.draining.clone();
         let future = self.inner.call(request);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let mut draining: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
                 // A dropped sender (server gone) counts as draining too.
                 let _ = draining.wait_for(|draining| *draining).await;
@@ -116,7 +117,7 @@ where
                 ended: false,
             };
             Ok(http::Response::from_parts(parts, Body::new(guarded)))
-        })
+        }))
     }
 }
 
