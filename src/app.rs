@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::access::Authenticator;
@@ -27,9 +26,11 @@ use crate::platform::Parts;
 use crate::platform::cache::Cache;
 use crate::platform::cache_repair::Publisher;
 use crate::platform::clock::{Clock, SystemClock};
+use crate::platform::connections::{ConnectionLimits, accept_within};
 use crate::platform::layers::auth::AuthLayer;
 use crate::platform::layers::deadline::DeadlineLayer;
 use crate::platform::layers::metrics::MetricsLayer;
+use crate::platform::layers::read_body::ReadBodyLayer;
 use crate::platform::layers::request_span::RequestSpanLayer;
 use crate::platform::layers::shed::ShedLayer;
 use crate::platform::layers::streams::StreamsLayer;
@@ -39,6 +40,12 @@ use crate::platform::store::Store;
 use crate::programs::ProgramCache;
 use crate::telemetry::Metrics;
 use crate::{jobs, members, pb, points, programs};
+
+/// HTTP/2 flow-control windows: the request bytes a connection may send before the server
+/// reads them (hyper's defaults, set here because the memory bound in RELIABILITY.md rests on
+/// them).
+const CONNECTION_WINDOW_BYTES: u32 = 1024 * 1024;
+const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 
 /// Every service of the loyalty API, built from the shared parts. Adding a service: a
 /// feature folder, and one line here.
@@ -253,20 +260,38 @@ impl Application {
         }
 
         let addr = grpc_listener.local_addr().map_err(Error::internal)?;
-        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let incoming = accept_within(
+            grpc_listener,
+            ConnectionLimits {
+                max_connections: config.max_connections,
+                body_budget_bytes: config.max_message_bytes + 5,
+            },
+        );
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_concurrent_streams(Some(1024))
+            .max_concurrent_streams(Some(config.max_streams_per_connection))
+            // What a connection may have sent and we not yet read: bounds memory per connection.
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .layer(RequestSpanLayer::new(methods))
             .layer(MetricsLayer::new(metrics.clone()))
             .layer(tower::util::MapResponseLayer::new(
                 unreadable_request_status,
             ))
             .layer(DeadlineLayer::new(config.request_timeout))
-            .layer(ShedLayer::new(config.max_in_flight, config.queue_timeout))
+            .layer(ReadBodyLayer::new(config.max_message_bytes))
+            .layer(ShedLayer::new(
+                config.max_in_flight,
+                config.max_public_in_flight,
+                config.queue_timeout,
+            ))
             .layer(AuthLayer::new(authenticator))
-            .layer(StreamsLayer::new(config.max_streams, draining_rx.clone()))
+            .layer(StreamsLayer::new(
+                config.max_streams,
+                config.max_public_streams,
+                draining_rx.clone(),
+            ))
             .add_routes(routes.routes());
 
         tracing::info!(%addr, cache = parts.publisher.cache().is_enabled(), "serving gRPC");

@@ -234,6 +234,27 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_MAX_STREAMS", default_value_t = 1000)]
     pub max_streams: usize,
 
+    /// Unary calls to the public services (health, reflection) handled at once, in a pool of
+    /// their own so that callers without a key cannot take the slots of the loyalty API.
+    #[arg(long, env = "LOYALTY_MAX_PUBLIC_IN_FLIGHT", default_value_t = 16)]
+    pub max_public_in_flight: usize,
+
+    /// Public streams (health watches, reflection) open at once, in a pool of their own.
+    #[arg(long, env = "LOYALTY_MAX_PUBLIC_STREAMS", default_value_t = 100)]
+    pub max_public_streams: usize,
+
+    /// TCP connections open at once; one more is accepted and closed at once.
+    #[arg(long, env = "LOYALTY_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(
+        long,
+        env = "LOYALTY_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_streams_per_connection: u32,
+
     /// How long a request may wait for a free slot before RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOYALTY_QUEUE_TIMEOUT_MS", default_value_t = 250)]
     pub queue_timeout_ms: u64,
@@ -270,6 +291,10 @@ pub struct ServerConfig {
     pub rate_limit: Option<RateLimit>,
     pub max_in_flight: usize,
     pub max_streams: usize,
+    pub max_public_in_flight: usize,
+    pub max_public_streams: usize,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
     pub queue_timeout: Duration,
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
@@ -333,6 +358,30 @@ impl ServeArgs {
             rate_limit,
             max_in_flight: within("LOYALTY_MAX_IN_FLIGHT", self.max_in_flight, 1, 1_000_000)?,
             max_streams: within("LOYALTY_MAX_STREAMS", self.max_streams, 1, 1_000_000)?,
+            max_public_in_flight: within(
+                "LOYALTY_MAX_PUBLIC_IN_FLIGHT",
+                self.max_public_in_flight,
+                1,
+                100_000,
+            )?,
+            max_public_streams: within(
+                "LOYALTY_MAX_PUBLIC_STREAMS",
+                self.max_public_streams,
+                1,
+                1_000_000,
+            )?,
+            max_connections: within(
+                "LOYALTY_MAX_CONNECTIONS",
+                self.max_connections,
+                1,
+                1_000_000,
+            )?,
+            max_streams_per_connection: within(
+                "LOYALTY_MAX_STREAMS_PER_CONNECTION",
+                self.max_streams_per_connection,
+                1,
+                100_000,
+            )?,
             queue_timeout: millis("LOYALTY_QUEUE_TIMEOUT_MS", self.queue_timeout_ms, 0, 60_000)?,
             request_timeout: millis(
                 "LOYALTY_REQUEST_TIMEOUT_MS",
@@ -429,6 +478,18 @@ mod tests {
             ("--cache-ttl-secs", "0", "LOYALTY_CACHE_TTL_SECS"),
             ("--max-in-flight", "0", "LOYALTY_MAX_IN_FLIGHT"),
             ("--max-streams", "0", "LOYALTY_MAX_STREAMS"),
+            ("--max-public-streams", "0", "LOYALTY_MAX_PUBLIC_STREAMS"),
+            (
+                "--max-public-in-flight",
+                "0",
+                "LOYALTY_MAX_PUBLIC_IN_FLIGHT",
+            ),
+            ("--max-connections", "0", "LOYALTY_MAX_CONNECTIONS"),
+            (
+                "--max-streams-per-connection",
+                "0",
+                "LOYALTY_MAX_STREAMS_PER_CONNECTION",
+            ),
             ("--request-timeout-ms", "0", "LOYALTY_REQUEST_TIMEOUT_MS"),
             ("--health-interval-ms", "1", "LOYALTY_HEALTH_INTERVAL_MS"),
             ("--rate-limit-burst", "0", "LOYALTY_RATE_LIMIT_BURST"),

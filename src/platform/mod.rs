@@ -1,6 +1,7 @@
 //! What every feature shares: the Postgres store and its error mapping, the Redis cache and
 //! its repair path, the audit log, callers and ids, shared pure rules (validation, money,
-//! rate limits, the clock), the service declarations and the tower layers.
+//! rate limits, the clock), the service declarations, the connection limits and the tower
+//! layers.
 //!
 //! Nothing here depends on a feature; features depend on it.
 
@@ -10,6 +11,7 @@ pub mod cache;
 pub mod cache_repair;
 pub mod caller;
 pub mod clock;
+pub mod connections;
 pub mod layers;
 pub mod money;
 pub mod proto;

@@ -7,6 +7,7 @@ mod auth;
 mod binary;
 mod cache;
 mod checkout;
+mod exhaustion;
 mod members;
 mod program;
 mod reliability_bad_input;

@@ -2,6 +2,11 @@
 //! finds no room within `queue_timeout` is refused with RESOURCE_EXHAUSTED at once, so an
 //! overloaded server sheds load instead of queueing without bound. Streams have a pool of their
 //! own (`streams.rs`), so open streams can never take the slots of unary calls.
+//!
+//! Public methods (health, reflection: no key needed) have a small pool of their own, so
+//! unauthenticated callers can never take the slots of the loyalty API. A request only gets
+//! here once its body is in (`read_body.rs`): a slot is held while the request is handled,
+//! never while the server waits for a client.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,18 +18,20 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::platform::service::{Kind, route_of};
+use crate::platform::service::{Access, Kind, route_of};
 
 #[derive(Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
+    public_permits: Arc<Semaphore>,
     queue_timeout: Duration,
 }
 
 impl ShedLayer {
-    pub fn new(max_in_flight: usize, queue_timeout: Duration) -> ShedLayer {
+    pub fn new(max_in_flight: usize, max_public_in_flight: usize, queue_timeout: Duration) -> Self {
         ShedLayer {
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            public_permits: Arc::new(Semaphore::new(max_public_in_flight)),
             queue_timeout,
         }
     }
@@ -37,6 +44,7 @@ impl<S> Layer<S> for ShedLayer {
         Shed {
             inner,
             permits: self.permits.clone(),
+            public_permits: self.public_permits.clone(),
             queue_timeout: self.queue_timeout,
         }
     }
@@ -46,6 +54,7 @@ impl<S> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    public_permits: Arc<Semaphore>,
     queue_timeout: Duration,
 }
 
@@ -63,12 +72,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if route_of(&request).kind == Kind::Streaming {
+        let route = route_of(&request);
+        if route.kind == Kind::Streaming {
             return Box::pin(self.inner.call(request));
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let permits = self.permits.clone();
+        let permits = match route.access {
+            Access::Public => self.public_permits.clone(),
+            Access::Scopes(_) => self.permits.clone(),
+        };
         let queue_timeout = self.queue_timeout;
         Box::pin(async move {
             let permit = match permits.clone().try_acquire_owned() {

@@ -3,7 +3,9 @@
 //!
 //! * it takes a slot of its own pool (`max_streams`) and holds it until the stream ends, so
 //!   watchers can never starve unary calls, nor unary calls watchers; when the pool is full a
-//!   new stream is refused with RESOURCE_EXHAUSTED at once;
+//!   new stream is refused with RESOURCE_EXHAUSTED at once. Public streams (health `Watch`,
+//!   reflection: no key needed) have a pool of their own (`max_public_streams`), so
+//!   unauthenticated watchers can never take the slots of authenticated ones;
 //! * it is not cut by the server's unary deadline; a deadline the client sent (`grpc-timeout`)
 //!   still ends it, with DEADLINE_EXCEEDED;
 //! * it ends cleanly with UNAVAILABLE when the server starts to shut down, so a graceful
@@ -29,19 +31,25 @@ use tower::{Layer, Service};
 
 use crate::platform::layers::deadline::client_timeout;
 use crate::platform::layers::metrics::status_code;
-use crate::platform::service::{Kind, route_of};
+use crate::platform::service::{Access, Kind, route_of};
 
 #[derive(Clone)]
 pub struct StreamsLayer {
     permits: Arc<Semaphore>,
+    public_permits: Arc<Semaphore>,
     draining: watch::Receiver<bool>,
 }
 
 impl StreamsLayer {
     /// `draining` turns true when the server starts to shut down.
-    pub fn new(max_streams: usize, draining: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        max_streams: usize,
+        max_public_streams: usize,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
         StreamsLayer {
             permits: Arc::new(Semaphore::new(max_streams)),
+            public_permits: Arc::new(Semaphore::new(max_public_streams)),
             draining,
         }
     }
@@ -79,13 +87,18 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if route_of(&request).kind != Kind::Streaming {
+        let route = route_of(&request);
+        if route.kind != Kind::Streaming {
             return Either::Left(self.inner.call(request));
         }
         if *self.layer.draining.borrow() {
             return Either::Right(Box::pin(async { Ok(shutting_down().into_http()) }));
         }
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
+        let pool = match route.access {
+            Access::Public => &self.layer.public_permits,
+            Access::Scopes(_) => &self.layer.permits,
+        };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
             return Either::Right(Box::pin(async {
                 Ok(Status::resource_exhausted("too many open streams, retry later").into_http())
             }));

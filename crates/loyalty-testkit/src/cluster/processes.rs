@@ -395,6 +395,11 @@ impl ServerProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The running process's id (to read its memory use, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.join("server.log")
     }
