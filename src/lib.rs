@@ -29,7 +29,9 @@ pub use app::Application;
 pub use config::ServerConfig;
 pub use error::Error;
 pub use platform::account::AccountState;
-pub use platform::cache::{Cache, CacheConfig, CacheRead, CacheWrite};
+pub use platform::cache::{
+    Cache, CacheConfig, CacheRead, CacheWrite, server_name as redis_server_name,
+};
 pub use platform::cache_repair::Publisher;
 pub use platform::caller::{MerchantId, Scope};
 pub use platform::rate_limit::RateLimit;

@@ -517,8 +517,9 @@ async fn a_cache_update_lost_to_a_crash_is_repaired_by_the_restarted_server() {
         .expect("r-1 acknowledged");
     assert_eq!(first.balance.unwrap().version, 1);
     let mut redis = cluster.redis.connection().await;
+    let key = cluster.cache_key(&mut redis, "card-1").await;
     let cached: Option<i64> = redis::cmd("HGET")
-        .arg(cluster.cache_key("card-1"))
+        .arg(&key)
         .arg("v")
         .query_async(&mut redis)
         .await

@@ -5,11 +5,15 @@
 use sqlx::PgConnection;
 
 use crate::error::Error;
+use crate::platform::cache::CustomerKey;
 use crate::platform::caller::MerchantId;
 use crate::platform::store::db_error;
 
 /// The account of a customer by external id (the cold balance read).
 pub const ACCOUNT_BY_EXTERNAL_ID: &str = include_str!("sql/account_by_external_id.sql");
+
+/// The accounts of many customers at once (the cache repair's batch read).
+const ACCOUNTS_BY_EXTERNAL_IDS: &str = include_str!("sql/accounts_by_external_ids.sql");
 
 /// The hot state of one customer, as stored in Postgres and cached in Redis.
 /// `version` grows on every change, so two copies can always be ordered.
@@ -60,4 +64,38 @@ pub async fn load(
         .await
         .map_err(db_error)?;
     Ok(row.map(AccountState::from))
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyedAccountRow {
+    merchant_id: i64,
+    external_id: String,
+    #[sqlx(flatten)]
+    account: AccountRow,
+}
+
+/// The committed accounts of `customers`, in one query; customers that do not exist are left
+/// out.
+pub async fn load_many(
+    conn: &mut PgConnection,
+    customers: &[CustomerKey],
+) -> Result<Vec<(CustomerKey, AccountState)>, Error> {
+    let merchants: Vec<i64> = customers.iter().map(|c| c.merchant.0).collect();
+    let external_ids: Vec<&str> = customers.iter().map(|c| c.external_id.as_str()).collect();
+    let rows: Vec<KeyedAccountRow> = sqlx::query_as(ACCOUNTS_BY_EXTERNAL_IDS)
+        .bind(merchants)
+        .bind(external_ids)
+        .fetch_all(conn)
+        .await
+        .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let key = CustomerKey {
+                merchant: MerchantId(row.merchant_id),
+                external_id: row.external_id,
+            };
+            (key, row.account.into())
+        })
+        .collect())
 }

@@ -1,9 +1,16 @@
 //! The Redis cache of hot customer state. Redis is never the truth: every caller has a
 //! Postgres path, and this module never returns an error, only "no answer".
 //!
-//! * Keys carry a hash tag per customer, `<prefix>:{m<merchant>:c<external id>}:state`, so they
-//!   work unchanged on Redis Cluster. The external id (not our internal id) is in the key so a
-//!   warm read needs no database round trip at all.
+//! * Keys carry a hash tag per customer, `<prefix>:<instance>:{m<merchant>:c<external id>}:state`,
+//!   so they work unchanged on Redis Cluster. The external id (not our internal id) is in the
+//!   key so a warm read needs no database round trip at all.
+//! * `<instance>` names the Redis server and its history: its run id (new on every restart)
+//!   and its replication id (new when a replica is promoted). A Redis that lost its newest
+//!   writes (restarted from an older snapshot, or a lagging replica promoted on failover) has
+//!   a new name, so every entry it kept is invisible and the cache starts cold instead of
+//!   going back in time. The name is read when a connection is (re)made; every operation asks,
+//!   in the same round trip, for the name we gave our connection (`CLIENT GETNAME`), so an
+//!   operation that reaches a connection we have not checked is not trusted.
 //! * Writes are compare-and-set on the account version (a Lua script): a slow writer holding an
 //!   older version can never overwrite a newer one.
 //! * A write that fails after its Postgres commit leaves a possibly stale copy behind. The key
@@ -21,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use rand::RngCore;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::Error;
@@ -102,6 +110,19 @@ struct Inner {
     config: CacheConfig,
     metrics: Metrics,
     suspects: Mutex<Suspects>,
+    /// The server our connection was checked against; `None` until (re)checked.
+    instance: RwLock<Option<Arc<Instance>>>,
+    /// One check at a time; operations meanwhile skip the cache.
+    checking: tokio::sync::Mutex<()>,
+}
+
+/// The Redis server the cache trusts, as checked on the current connection.
+struct Instance {
+    /// The name we gave the checked connection (`CLIENT SETNAME`): a reply on a connection
+    /// with another name comes from one we have not checked.
+    connection_name: String,
+    /// `<key prefix>:<server name>`: the first segments of every key.
+    key_prefix: String,
 }
 
 #[derive(Default)]
@@ -147,6 +168,8 @@ impl Cache {
                 config,
                 metrics,
                 suspects: Mutex::new(Suspects::default()),
+                instance: RwLock::new(None),
+                checking: tokio::sync::Mutex::new(()),
             })),
         })
     }
@@ -164,17 +187,29 @@ impl Cache {
             inner.metrics.cache_op("get", "skipped");
             return CacheRead::Skipped;
         }
-        let key = inner.key(merchant, external_id);
+        let Some(instance) = inner.instance().await else {
+            inner.metrics.cache_op("get", "skipped");
+            return CacheRead::Skipped;
+        };
+        let key = instance.key(merchant, external_id);
         let mut conn = inner.connection();
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg(&["v", "a", "p", "le", "lr", "pc"]);
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("GETNAME");
+        pipe.cmd("HMGET")
+            .arg(&key)
+            .arg(&["v", "a", "p", "le", "lr", "pc"]);
         let reply = tokio::time::timeout(
             inner.config.timeout,
-            cmd.query_async::<Vec<Option<i64>>>(&mut conn),
+            pipe.query_async::<(Option<String>, Vec<Option<i64>>)>(&mut conn),
         )
         .await;
         match reply {
-            Ok(Ok(fields)) => match inner.succeeded(fields)[..] {
+            Ok(Ok((name, _))) if !instance.answered_on(name.as_deref()) => {
+                inner.forget_instance(&instance);
+                inner.metrics.cache_op("get", "skipped");
+                CacheRead::Skipped
+            }
+            Ok(Ok((_, fields))) => match inner.succeeded(fields)[..] {
                 [
                     Some(version),
                     Some(available),
@@ -223,10 +258,18 @@ impl Cache {
             inner.metrics.cache_op("put", "skipped");
             return CacheWrite::Failed;
         }
-        let key = inner.key(merchant, external_id);
+        let Some(instance) = inner.instance().await else {
+            inner.metrics.cache_op("put", "skipped");
+            return CacheWrite::Failed;
+        };
         let mut conn = inner.connection();
-        let mut invocation = inner.script.key(&key);
-        invocation
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("GETNAME");
+        // The script was loaded when the connection was checked.
+        pipe.cmd("EVALSHA")
+            .arg(inner.script.get_hash())
+            .arg(1)
+            .arg(instance.key(merchant, external_id))
             .arg(state.version)
             .arg(state.available)
             .arg(state.pending)
@@ -236,17 +279,30 @@ impl Cache {
             .arg(inner.config.ttl.as_millis() as u64);
         let reply = tokio::time::timeout(
             inner.config.timeout,
-            invocation.invoke_async::<i64>(&mut conn),
+            pipe.query_async::<(Option<String>, i64)>(&mut conn),
         )
         .await;
         match reply {
-            Ok(Ok(stored)) if inner.succeeded(stored) == 1 => {
+            Ok(Ok((name, _))) if !instance.answered_on(name.as_deref()) => {
+                inner.forget_instance(&instance);
+                inner.metrics.cache_op("put", "skipped");
+                CacheWrite::Failed
+            }
+            Ok(Ok((_, stored))) if inner.succeeded(stored) == 1 => {
                 inner.metrics.cache_op("put", "stored");
                 CacheWrite::Stored
             }
             Ok(Ok(_)) => {
                 inner.metrics.cache_op("put", "older");
                 CacheWrite::RejectedOlder
+            }
+            Ok(Err(error))
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                // Someone flushed the scripts: check the connection again (that reloads it).
+                inner.forget_instance(&instance);
+                inner.metrics.cache_op("put", "skipped");
+                CacheWrite::Failed
             }
             Ok(Err(error)) => {
                 inner.failed("put", &error.to_string());
@@ -257,6 +313,41 @@ impl Cache {
                 CacheWrite::Failed
             }
         }
+    }
+
+    /// Whether Redis answers now (a PING, unless the breaker is open): the repair job asks
+    /// before it reads anything from Postgres.
+    pub async fn is_reachable(&self) -> bool {
+        let Some(inner) = &self.inner else {
+            return false;
+        };
+        if inner.cooling_down() || inner.instance().await.is_none() {
+            return false;
+        }
+        let mut conn = inner.connection();
+        let reply = tokio::time::timeout(
+            inner.config.timeout,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match reply {
+            Ok(Ok(_)) => inner.succeeded(true),
+            Ok(Err(error)) => {
+                inner.failed("ping", &error.to_string());
+                false
+            }
+            Err(_) => {
+                inner.failed("ping", "timed out");
+                false
+            }
+        }
+    }
+
+    /// The key of a customer's state on the Redis server now in use, once checked (for tests
+    /// and tools).
+    pub async fn key_of(&self, merchant: MerchantId, external_id: &str) -> Option<String> {
+        let instance = self.inner.as_ref()?.instance().await?;
+        Some(instance.key(merchant, external_id))
     }
 
     /// After a Postgres commit: publish the new state, or remember (in this replica's memory)
@@ -328,23 +419,107 @@ impl Cache {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
+        let Some(instance) = inner.instance().await else {
+            return Err(Error::Unavailable("redis: not reachable".into()));
+        };
         let mut conn = inner.connection();
         redis::cmd("DEL")
-            .arg(inner.key(merchant, external_id))
+            .arg(instance.key(merchant, external_id))
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| Error::Unavailable(format!("redis: {e}")))
     }
 }
 
-impl Inner {
+impl Instance {
     fn key(&self, merchant: MerchantId, external_id: &str) -> String {
         format!(
             "{}:{{m{}:c{}}}:state",
-            self.config.key_prefix,
+            self.key_prefix,
             merchant.0,
             escape(external_id)
         )
+    }
+
+    fn answered_on(&self, connection_name: Option<&str>) -> bool {
+        connection_name == Some(self.connection_name.as_str())
+    }
+}
+
+impl Inner {
+    /// The checked server, checking the connection first if nobody has since it was (re)made.
+    /// `None` while Redis is unreachable, serves as a replica, or another task is checking.
+    async fn instance(&self) -> Option<Arc<Instance>> {
+        if let Some(instance) = self
+            .instance
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Some(instance);
+        }
+        let _checking = self.checking.try_lock().ok()?;
+        if let Some(instance) = self
+            .instance
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Some(instance);
+        }
+        match tokio::time::timeout(self.config.timeout, self.check_connection()).await {
+            Ok(Ok(instance)) => {
+                let instance = Arc::new(instance);
+                tracing::info!(server = %instance.key_prefix, "redis connection checked; cache in use");
+                *self.instance.write().unwrap_or_else(|e| e.into_inner()) = Some(instance.clone());
+                self.succeeded(());
+                Some(instance)
+            }
+            Ok(Err(error)) => {
+                self.failed("check", &error);
+                None
+            }
+            Err(_) => {
+                self.failed("check", "timed out");
+                None
+            }
+        }
+    }
+
+    /// Names our connection, reads which server it reaches and loads the write script, all in
+    /// one round trip (so on one connection).
+    async fn check_connection(&self) -> Result<Instance, String> {
+        let connection_name = format!("loyalty-{:016x}", rand::rng().next_u64());
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&connection_name)
+            .ignore();
+        pipe.cmd("INFO").arg("server");
+        pipe.cmd("INFO").arg("replication");
+        pipe.cmd("SCRIPT").arg("LOAD").arg(STORE_IF_NEWER).ignore();
+        let (server, replication): (String, String) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let server_name = server_name(&server, &replication)?;
+        Ok(Instance {
+            connection_name,
+            key_prefix: format!("{}:{server_name}", self.config.key_prefix),
+        })
+    }
+
+    /// Stops trusting `stale` (the connection was re-made); the next operation checks again.
+    fn forget_instance(&self, stale: &Arc<Instance>) {
+        let mut instance = self.instance.write().unwrap_or_else(|e| e.into_inner());
+        if instance
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, stale))
+        {
+            tracing::info!("redis connection re-made; checking which server it reaches");
+            *instance = None;
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -403,6 +578,7 @@ impl Inner {
             self.manager_config.clone(),
         ) {
             *self.conn.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+            *self.instance.write().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }
@@ -447,6 +623,30 @@ impl Breaker {
     }
 }
 
+/// The name of a Redis server and its history, from its `INFO server` and `INFO replication`:
+/// 8 hex digits of its run id (new on every start) and 8 of its replication id (new when it is
+/// promoted). A replica is refused: writes to it fail, and it may lag its primary.
+pub fn server_name(info_server: &str, info_replication: &str) -> Result<String, String> {
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_string)
+            .ok_or_else(|| format!("redis INFO has no {name}"))
+    };
+    let role = field(info_replication, "role")?;
+    if role != "master" {
+        return Err(format!("redis serves as a {role}, not a primary"));
+    }
+    let run_id = field(info_server, "run_id")?;
+    let replication_id = field(info_replication, "master_replid")?;
+    let short = |id: &str| {
+        id.get(..8)
+            .map(str::to_string)
+            .ok_or_else(|| format!("redis id {id:?} too short"))
+    };
+    Ok(format!("{}{}", short(&run_id)?, short(&replication_id)?))
+}
+
 /// Keeps `{`, `}` (the hash-tag delimiters) and `%` out of the key, reversibly.
 fn escape(external_id: &str) -> String {
     if !external_id.contains(['{', '}', '%']) {
@@ -483,6 +683,23 @@ mod tests {
         // A success closes the count.
         breaker.record_success();
         assert!(!breaker.record_failure(3000));
+    }
+
+    #[test]
+    fn the_server_name_changes_with_a_restart_or_a_promotion_and_refuses_replicas() {
+        let server = "# Server\r\nredis_version:7.0.15\r\nrun_id:0123456789abcdef0123\r\n";
+        let primary = "# Replication\r\nrole:master\r\nmaster_replid:fedcba9876543210ff\r\n";
+        assert_eq!(server_name(server, primary).unwrap(), "01234567fedcba98");
+        let restarted = server.replace("0123456789", "aaaaaaaaaa");
+        assert_ne!(
+            server_name(&restarted, primary),
+            server_name(server, primary)
+        );
+        let promoted = primary.replace("fedcba9876", "1111111111");
+        assert_ne!(server_name(server, &promoted), server_name(server, primary));
+        let replica = "# Replication\r\nrole:slave\r\nmaster_replid:fedcba9876543210ff\r\n";
+        assert!(server_name(server, replica).unwrap_err().contains("slave"));
+        assert!(server_name("", primary).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod cache_repair;
 pub mod caller;
 pub mod clock;
 pub mod connections;
+pub mod detach;
 pub mod layers;
 pub mod money;
 pub mod proto;

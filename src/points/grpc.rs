@@ -45,7 +45,7 @@ impl CheckoutService for CheckoutApi {
         let caller = caller(&request)?;
         let input = purchase_input(request.into_inner())?;
         let purchase = Purchase::parse(input, self.points.now())?;
-        let receipt = self.points.record_purchase(&caller, &purchase).await?;
+        let receipt = self.points.record_purchase(&caller, purchase).await?;
         Ok(Response::new(receipt_message(receipt)))
     }
 }

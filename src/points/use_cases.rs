@@ -7,6 +7,7 @@ use crate::error::Error;
 use crate::platform::account::{self, AccountState};
 use crate::platform::cache::CacheRead;
 use crate::platform::caller::{Caller, MerchantId};
+use crate::platform::detach::detach;
 use crate::platform::store::{commit, db_error};
 use crate::points::Points;
 use crate::points::rules::PurchaseReceipt;
@@ -41,8 +42,19 @@ impl Points {
     ///
     /// A known customer costs two round trips: the context read and one atomic statement.
     /// A new customer is enrolled in the same transaction as their first purchase, so a
-    /// refused purchase leaves no customer behind.
+    /// refused purchase leaves no customer behind. Runs to the end even if the request is
+    /// abandoned (`platform::detach`): a commit always reaches the cache or its repair.
     pub async fn record_purchase(
+        &self,
+        caller: &Caller,
+        purchase: Purchase,
+    ) -> Result<PurchaseReceipt, Error> {
+        let points = self.clone();
+        let caller = *caller;
+        detach(async move { points.record_purchase_attached(&caller, &purchase).await }).await
+    }
+
+    async fn record_purchase_attached(
         &self,
         caller: &Caller,
         purchase: &Purchase,
@@ -156,6 +168,16 @@ impl Points {
             .ok_or(Error::NotFound("customer"))?;
         drop(conn);
         cache.put(caller.merchant, external_id, &state).await;
+        // Postgres holds the latest committed version: an older balance would break the
+        // promise of `min_version`, so say why none can be given.
+        if state.version < min_version {
+            return Err(Error::FailedPrecondition(format!(
+                "min_version {min_version} is above the latest committed version {} of this \
+                 customer: no write returned it here (a token from another deployment, or \
+                 writes lost in a database failover)",
+                state.version
+            )));
+        }
         Ok(state)
     }
 

@@ -162,7 +162,11 @@ async fn min_version_skips_an_older_cached_copy() {
 
     // Simulate a copy left behind by a replica whose cache write failed: overwrite the entry
     // behind the script's back with an older version.
-    let key = format!("{}:{{m{}:ccard-1}}:state", app.key_prefix, merchant.id);
+    let key = app
+        .cache
+        .key_of(merchant.id, "card-1")
+        .await
+        .expect("redis in use");
     let mut redis = raw_redis().await;
     let _: () = redis::cmd("HSET")
         .arg(&key)
@@ -418,7 +422,11 @@ async fn a_replayed_purchase_publishes_the_current_state() {
     checkout.record_purchase(second.clone()).await.unwrap();
 
     // Redis still holds version 1, as if the server had died before publishing version 2.
-    let key = format!("{}:{{m{}:ccard-1}}:state", app.key_prefix, merchant.id);
+    let key = app
+        .cache
+        .key_of(merchant.id, "card-1")
+        .await
+        .expect("redis in use");
     let mut redis = raw_redis().await;
     let _: () = redis::cmd("HSET")
         .arg(&key)
@@ -467,25 +475,28 @@ async fn an_abandoned_request_still_finishes_its_cache_update() {
     let mut member = first.member(&pos).await;
     assert_eq!(available(&mut member, "card-1").await, 10);
 
-    // A second replica on the same database and keys, whose Redis accepts connections and
-    // never answers: its cache write after the commit hangs for the cache timeout (1 s),
-    // well past the till's deadline (300 ms).
-    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let black_hole_addr = black_hole.local_addr().unwrap();
-    let holding = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = black_hole.accept().await {
-            held.push(socket);
-        }
-    });
+    // A second replica on the same database, whose Redis freezes (SIGSTOP) once the replica
+    // has checked its connection: its cache write after the commit hangs for the cache
+    // timeout (1 s), well past the till's deadline (300 ms).
+    let mut frozen = tokio::task::block_in_place(common::cluster::PrivateRedis::launch);
     let second = TestApp::spawn_with(Options {
         database_url: Some(first.db.url.clone()),
-        key_prefix: Some(first.key_prefix.clone()),
-        redis_url: Some(format!("redis://{black_hole_addr}")),
+        redis_url: Some(frozen.url()),
         cache_timeout: Duration::from_secs(1),
         ..Options::default()
     })
     .await;
+    second
+        .member(&pos)
+        .await
+        .get_balance(pb::GetBalanceRequest {
+            external_id: "card-1".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap();
+    assert!(second.cache.key_of(merchant.id, "card-1").await.is_some());
+    frozen.pause();
     let mut request = tonic::Request::new(purchase("card-1", "r-2", 1000));
     request.set_timeout(Duration::from_millis(300));
     let abandoned = second
@@ -519,7 +530,288 @@ async fn an_abandoned_request_still_finishes_its_cache_update() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    frozen.resume();
     second.stop().await;
-    holding.abort();
+    tokio::task::block_in_place(|| frozen.stop());
     first.stop().await;
+}
+
+/// The outside run's finding: a purchase whose deadline passed while it waited on a row lock
+/// still committed once the lock was free, but nothing published it, and GetBalance served
+/// the old balance for the whole cache TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_that_commits_after_its_deadline_still_reaches_the_cache() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let mut member = app.member(&pos).await;
+    assert_eq!(available(&mut member, "card-1").await, 10, "cached");
+
+    // Another transaction holds the customer's account row.
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT a.version FROM accounts a JOIN customers c
+            ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
+         WHERE c.external_id = 'card-1' FOR UPDATE OF a",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(purchase("card-1", "r-2", 1000));
+    request.set_timeout(Duration::from_millis(300));
+    let abandoned = checkout.record_purchase(request).await.unwrap_err();
+    assert!(
+        matches!(
+            abandoned.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{abandoned:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.commit().await.unwrap();
+
+    // The purchase commits once the lock is free, and the cache shows it within a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let stored: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM purchases WHERE purchase_id = 'r-2'")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if stored == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "r-2 never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while available(&mut member, "card-1").await != 20 {
+        assert!(
+            Instant::now() < deadline,
+            "GetBalance still serves the balance from before the committed purchase"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
+/// The outside run's finding: after Redis came back from an older snapshot (as after a
+/// failover to a lagging replica), reads returned the older balances it had kept, for as long
+/// as those entries lived. Entries written to another Redis server, or to this one before it
+/// restarted, are never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_from_an_older_snapshot_never_serves_what_it_lost() {
+    let mut redis = tokio::task::block_in_place(common::cluster::PrivateRedis::launch);
+    let app = TestApp::spawn_with(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let mut member = app.member(&pos).await;
+    let customers = ["card-1", "card-2", "card-3", "card-4"];
+    for customer in customers {
+        checkout
+            .record_purchase(purchase(customer, &format!("{customer}-r1"), 1000))
+            .await
+            .unwrap();
+        assert_eq!(available(&mut member, customer).await, 10);
+    }
+    // The snapshot holds version 1 of everyone; then everyone buys again.
+    let mut raw = redis.connection().await;
+    let _: () = redis::cmd("SAVE").query_async(&mut raw).await.unwrap();
+    for customer in customers {
+        checkout
+            .record_purchase(purchase(customer, &format!("{customer}-r2"), 1000))
+            .await
+            .unwrap();
+        assert_eq!(available(&mut member, customer).await, 20);
+    }
+    let old_key = app.cache.key_of(merchant.id, "card-4").await.unwrap();
+
+    // Redis dies and comes back from the snapshot: it holds version 1 again.
+    tokio::task::block_in_place(|| {
+        redis.stop();
+        redis.start();
+    });
+    let mut raw = redis.connection().await;
+    let kept: Option<i64> = redis::cmd("HGET")
+        .arg(&old_key)
+        .arg("a")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(10), "the restarted Redis holds the older state");
+
+    // No read ever shows it; the cache is in use again at once.
+    for round in 0..5 {
+        for customer in customers {
+            assert_eq!(
+                available(&mut member, customer).await,
+                20,
+                "{customer}, round {round}: a balance the restarted Redis went back to"
+            );
+        }
+    }
+    let new_key = app.cache.key_of(merchant.id, "card-4").await.unwrap();
+    assert_ne!(
+        new_key, old_key,
+        "entries of the restarted server have new keys"
+    );
+    let cached: Option<i64> = redis::cmd("HGET")
+        .arg(&new_key)
+        .arg("a")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(cached, Some(20));
+    app.stop().await;
+}
+
+/// The outside run's finding: a `min_version` above anything committed was answered with an
+/// older balance and OK, although the proto promises the answer is never older than it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_version_above_anything_committed_is_refused_not_answered_older() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let receipt = app
+        .checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let version = receipt.balance.unwrap().version;
+    let mut member = app.member(&pos).await;
+    assert_eq!(
+        balance(&mut member, "card-1", version)
+            .await
+            .balance
+            .unwrap()
+            .version,
+        version
+    );
+    for _ in 0..2 {
+        // Twice: once with the entry cached, once after it was read from Postgres.
+        let refused = member
+            .get_balance(pb::GetBalanceRequest {
+                external_id: "card-1".into(),
+                min_version: version + 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .message()
+                .contains(&format!("latest committed version {version}"))
+        );
+    }
+    app.stop().await;
+}
+
+/// The outside run's finding: with Redis down and no client traffic at all, the repair job
+/// ran ~1,400 Postgres transactions a second per replica, reading every suspect before asking
+/// whether Redis was back. Repairs wait for Redis: while it is away a pass sends Postgres
+/// nothing (measured as the bytes the server sends through a proxy to Postgres).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_the_repair_job_sends_postgres_nothing() {
+    let db = common::TestDb::create().await;
+    let postgres = Proxy::start(common::socket_addr_of(&db.url)).await;
+    let app = TestApp::spawn_on(
+        db,
+        Options {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            database_via: Some(postgres.addr),
+            health_interval: Duration::from_secs(60),
+            ..Options::default()
+        },
+    )
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    for i in 0..50 {
+        checkout
+            .record_purchase(purchase(&format!("card-{i}"), &format!("r-{i}"), 1000))
+            .await
+            .unwrap();
+    }
+    let noted: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(noted, 50, "every failed publication is noted");
+
+    // Sixteen repair passes (every 250 ms), 50 suspects each.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = postgres.bytes_sent();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let sent = postgres.bytes_sent() - before;
+    assert!(
+        sent < 1024,
+        "{sent} bytes sent to Postgres in 4 s with Redis down and no traffic"
+    );
+    app.stop().await;
+}
+
+/// The outside run's finding: while Redis was down, notes of a hot customer's failed cache
+/// writes (`INSERT ... ON CONFLICT DO UPDATE`) waited on each other and on the repair pass
+/// holding the row, for the whole statement timeout, until the pool ran dry and tills timed
+/// out. A note waits on nothing: here a repair pass (played by the test) holds every noted
+/// row while twenty tills buy for one customer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noting_a_repair_never_waits_on_a_repair_in_progress() {
+    let app = TestApp::spawn_with(Options {
+        redis_url: Some("redis://127.0.0.1:1".into()),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-0", 1000))
+        .await
+        .unwrap();
+    let mut repair_pass = app.pool.begin().await.unwrap();
+    let held: Vec<(String,)> = sqlx::query_as("SELECT external_id FROM cache_repairs FOR UPDATE")
+        .fetch_all(&mut *repair_pass)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+
+    let started = Instant::now();
+    let tills: Vec<_> = (1..=20)
+        .map(|i| {
+            let mut checkout = checkout.clone();
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(purchase("card-1", &format!("r-{i}"), 1000));
+                request.set_timeout(Duration::from_secs(2));
+                checkout.record_purchase(request).await
+            })
+        })
+        .collect();
+    for till in tills {
+        till.await.unwrap().expect("a purchase while Redis is down");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    repair_pass.rollback().await.unwrap();
+    app.stop().await;
 }

@@ -326,6 +326,21 @@ impl Default for Options {
     }
 }
 
+/// The name the service gives the Redis server `redis` reaches (a segment of its cache keys).
+pub async fn redis_server_name_of(redis: &mut redis::aio::MultiplexedConnection) -> String {
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(redis)
+        .await
+        .expect("INFO server");
+    let replication: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(redis)
+        .await
+        .expect("INFO replication");
+    loyalty::redis_server_name(&server, &replication).expect("a primary")
+}
+
 /// Logs go through the test harness's capture (shown only for failing tests). `RUST_LOG`
 /// overrides the default level.
 pub fn init_test_tracing() {

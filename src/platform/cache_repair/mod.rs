@@ -5,15 +5,22 @@
 
 mod store;
 
+use std::collections::HashSet;
+
+use sqlx::PgConnection;
 use tracing::Instrument;
 
 use crate::platform::account::{self, AccountState};
-use crate::platform::cache::{Cache, CacheWrite};
+use crate::platform::cache::{Cache, CacheWrite, CustomerKey};
 use crate::platform::caller::MerchantId;
 use crate::platform::store::{Store, commit};
 
-/// Durable repairs claimed per pass.
-const REPAIR_BATCH: i64 = 100;
+/// Noted repairs claimed at once, and suspects read from Postgres in one query.
+const REPAIR_BATCH: i64 = 500;
+
+/// Batches one pass may work off: a backlog drains fast once Redis is back, and a pass still
+/// ends.
+const MAX_BATCHES_PER_PASS: usize = 20;
 
 /// Publishes committed states to the cache and repairs the ones that could not be published.
 /// Every feature that changes an account publishes through it. Cheap to clone.
@@ -68,19 +75,19 @@ impl Publisher {
     }
 
     /// One repair pass: this replica's suspects first, then the repairs noted by any replica.
-    /// Returns how many repairs are still waiting (known to this replica).
+    /// Returns how many repairs are still waiting (as far as this pass knows).
+    ///
+    /// While Redis is away a pass costs one PING (nothing while the breaker is open) and no
+    /// query: repairs wait for Redis. Once it is back, they go in batches: one query reads the
+    /// committed states of a whole batch.
     pub async fn repair_cache(&self) -> usize {
         if !self.cache.is_enabled() {
             return 0;
         }
-        let mut waiting = 0;
-        for (key, generation) in self.cache.suspects() {
-            if self.repair_one(key.merchant, &key.external_id).await {
-                self.cache.clear_suspect(&key, generation);
-            } else {
-                waiting += 1;
-            }
+        if !self.cache.is_reachable().await {
+            return self.cache.suspects().len();
         }
+        let waiting = self.repair_suspects().await;
         match self.repair_noted().await {
             Ok(left) => waiting + left,
             Err(error) => {
@@ -90,36 +97,88 @@ impl Publisher {
         }
     }
 
-    /// Claims noted repairs (skipping those another replica holds) and works them off.
-    async fn repair_noted(&self) -> Result<usize, crate::Error> {
-        let mut tx = self.store.begin().await?;
-        let claimed = store::claim(&mut tx, REPAIR_BATCH).await?;
-        let mut left = 0;
-        for repair in &claimed {
-            if self.repair_one(repair.merchant, &repair.external_id).await {
-                store::done(&mut tx, repair).await?;
-            } else {
-                left += 1;
+    /// Repairs the customers this replica marked suspect.
+    async fn repair_suspects(&self) -> usize {
+        let suspects = self.cache.suspects();
+        let mut waiting = 0;
+        for batch in suspects.chunks(REPAIR_BATCH as usize) {
+            let customers: Vec<CustomerKey> = batch.iter().map(|(key, _)| key.clone()).collect();
+            let repaired = async {
+                let mut conn = self.store.acquire().await?;
+                self.put_committed(&mut conn, &customers).await
+            };
+            let Ok(repaired) = repaired.await else {
+                waiting += batch.len();
+                continue;
+            };
+            for (key, generation) in batch {
+                if repaired.contains(key) {
+                    self.cache.clear_suspect(key, *generation);
+                } else {
+                    waiting += 1;
+                }
             }
         }
-        commit(tx).await?;
-        Ok(left)
+        waiting
     }
 
-    /// Puts the committed state of one customer into the cache. True when the cache now holds
-    /// it (or something newer), or the customer does not exist.
-    async fn repair_one(&self, merchant: MerchantId, external_id: &str) -> bool {
-        let committed = async {
-            let mut conn = self.store.acquire().await?;
-            account::load(&mut conn, merchant, external_id).await
-        };
-        match committed.await {
-            Ok(Some(state)) => matches!(
-                self.cache.put(merchant, external_id, &state).await,
-                CacheWrite::Stored | CacheWrite::RejectedOlder
-            ),
-            Ok(None) => true,
-            Err(_) => false,
+    /// Claims noted repairs in batches (skipping those another replica holds) and works them
+    /// off, each customer once per batch, until none is left or Redis fails again.
+    async fn repair_noted(&self) -> Result<usize, crate::Error> {
+        for _ in 0..MAX_BATCHES_PER_PASS {
+            let mut tx = self.store.begin().await?;
+            let claimed = store::claim(&mut tx, REPAIR_BATCH).await?;
+            if claimed.is_empty() {
+                return Ok(0);
+            }
+            let mut customers: Vec<CustomerKey> = claimed
+                .iter()
+                .map(|repair| CustomerKey {
+                    merchant: repair.merchant,
+                    external_id: repair.external_id.clone(),
+                })
+                .collect();
+            customers.sort_by(|a, b| {
+                (a.merchant.0, &a.external_id).cmp(&(b.merchant.0, &b.external_id))
+            });
+            customers.dedup();
+            let repaired = self.put_committed(&mut tx, &customers).await?;
+            let done: Vec<i64> = claimed
+                .iter()
+                .filter(|repair| {
+                    repaired.contains(&CustomerKey {
+                        merchant: repair.merchant,
+                        external_id: repair.external_id.clone(),
+                    })
+                })
+                .map(|repair| repair.id)
+                .collect();
+            store::done(&mut tx, &done).await?;
+            commit(tx).await?;
+            let left = claimed.len() - done.len();
+            if left > 0 || claimed.len() < REPAIR_BATCH as usize {
+                return Ok(left);
+            }
         }
+        // A backlog beyond this pass: the next pass goes on with it.
+        Ok(REPAIR_BATCH as usize)
+    }
+
+    /// Puts the committed states of `customers` into the cache. Returns those repaired: the
+    /// cache now holds their state (or a newer one), or they do not exist.
+    async fn put_committed(
+        &self,
+        conn: &mut PgConnection,
+        customers: &[CustomerKey],
+    ) -> Result<HashSet<CustomerKey>, crate::Error> {
+        let committed = account::load_many(conn, customers).await?;
+        let mut repaired: HashSet<CustomerKey> = customers.iter().cloned().collect();
+        for (key, state) in committed {
+            let written = self.cache.put(key.merchant, &key.external_id, &state).await;
+            if !matches!(written, CacheWrite::Stored | CacheWrite::RejectedOlder) {
+                repaired.remove(&key);
+            }
+        }
+        Ok(repaired)
     }
 }

@@ -336,17 +336,15 @@ async fn stale_cache_entries(
 ) -> Vec<String> {
     let mut stale = Vec::new();
     for (customer, state) in committed {
-        let fields: HashMap<String, i64> = match redis::cmd("HGETALL")
-            .arg(cluster.cache_key(customer))
-            .query_async(redis)
-            .await
-        {
-            Ok(fields) => fields,
-            Err(e) => {
-                stale.push(format!("{customer}: cache unreadable: {e}"));
-                continue;
-            }
-        };
+        let key = cluster.cache_key(redis, customer).await;
+        let fields: HashMap<String, i64> =
+            match redis::cmd("HGETALL").arg(key).query_async(redis).await {
+                Ok(fields) => fields,
+                Err(e) => {
+                    stale.push(format!("{customer}: cache unreadable: {e}"));
+                    continue;
+                }
+            };
         if fields.is_empty() {
             continue;
         }

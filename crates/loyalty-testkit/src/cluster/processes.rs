@@ -587,12 +587,19 @@ impl Cluster {
             .expect("audit pool")
     }
 
-    /// The Redis key of a customer's cached state (see src/storage/cache.rs; our external ids
-    /// need no escaping).
-    pub fn cache_key(&self, external_id: &str) -> String {
+    /// The Redis key of a customer's cached state on the Redis `redis` reaches (see
+    /// src/platform/cache.rs; our external ids need no escaping).
+    pub async fn cache_key(
+        &self,
+        redis: &mut redis::aio::MultiplexedConnection,
+        external_id: &str,
+    ) -> String {
         format!(
-            "{}:{{m{}:c{}}}:state",
-            self.key_prefix, self.merchant.0, external_id
+            "{}:{}:{{m{}:c{}}}:state",
+            self.key_prefix,
+            crate::redis_server_name_of(redis).await,
+            self.merchant.0,
+            external_id
         )
     }
 
