@@ -15,4 +15,5 @@ mod reliability_tenancy;
 mod request_ids;
 mod server;
 mod streams;
+mod tls;
 mod validation;

@@ -511,6 +511,14 @@ impl TestApp {
             .expect("connect to test server")
     }
 
+    /// A plaintext channel, or the error connecting (e.g. to a server that speaks TLS).
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+    }
+
     /// A channel over TLS (the server must serve with [`Options::tls`]); an error when the
     /// handshake fails.
     pub async fn tls_channel(
