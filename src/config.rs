@@ -88,6 +88,14 @@ pub enum Command {
         /// The service to ask about; empty means the server as a whole.
         #[arg(long, default_value = "")]
         service: String,
+        /// For an https:// endpoint: PEM file with the CA of the server's certificate (the
+        /// system's roots otherwise).
+        #[arg(long, env = "LOYALTY_HEALTH_CA_CERT")]
+        ca_cert: Option<String>,
+        /// For an https:// endpoint: the name the server's certificate is issued for, when
+        /// the endpoint's host is not it (e.g. 127.0.0.1 in a container).
+        #[arg(long, env = "LOYALTY_HEALTH_TLS_DOMAIN")]
+        tls_domain: Option<String>,
     },
 }
 

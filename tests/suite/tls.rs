@@ -296,6 +296,50 @@ async fn the_cache_speaks_tls_to_a_tls_only_redis() {
     untrusting.stop().await;
 }
 
+/// `loyalty health` (the container's health check) speaks TLS to a TLS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_command_checks_a_tls_server() {
+    let pki = TestPki::generate();
+    let app = TestApp::spawn_with(Options {
+        tls: Some(pki.server_tls(Some(INTERNAL))),
+        ..Options::default()
+    })
+    .await;
+    let health = |endpoint: String, ca: Option<std::path::PathBuf>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_loyalty"));
+        command
+            .args(["health", "--endpoint", &endpoint])
+            .args(["--tls-domain", common::tls::SERVER_NAME]);
+        if let Some(ca) = ca {
+            command.arg("--ca-cert").arg(ca);
+        }
+        command.output().expect("run loyalty health")
+    };
+    let (https, http) = (
+        format!("https://{}", app.addr),
+        format!("http://{}", app.addr),
+    );
+    let output = tokio::task::block_in_place(|| health(https.clone(), Some(pki.ca_path())));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    // Neither plaintext nor the system's roots get an answer from this server.
+    assert!(
+        !tokio::task::block_in_place(|| health(http, None))
+            .status
+            .success()
+    );
+    assert!(
+        !tokio::task::block_in_place(|| health(https, None))
+            .status
+            .success()
+    );
+    app.stop().await;
+}
+
 /// A half-configured TLS stops the real binary at start-up, naming the missing variable.
 #[test]
 fn a_certificate_without_its_key_stops_start_up() {
