@@ -67,7 +67,8 @@ impl<A> Clone for AuthLayer<A> {
 
 /// Whether the request's connection presented a client certificate. tonic records the peer's
 /// chain only after the handshake verified it against the client CA (a chain that does not
-/// verify fails the handshake), so presence means verified.
+/// verify fails the handshake), so presence means verified. Any other transport counts as
+/// no certificate: the check fails closed.
 fn has_client_certificate<B>(request: &http::Request<B>) -> bool {
     request
         .extensions()
