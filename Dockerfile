@@ -24,10 +24,13 @@ COPY --from=build /src/target/release/loyalty /usr/local/bin/loyalty
 USER 10001:10001
 ENV LOYALTY_LISTEN=0.0.0.0:50051 \
     LOYALTY_METRICS_LISTEN=0.0.0.0:9464 \
-    LOYALTY_LOG_FORMAT=json
+    LOYALTY_LOG_FORMAT=json \
+    LOYALTY_HEALTH_ENDPOINT=http://127.0.0.1:50051
 EXPOSE 50051 9464
-# gRPC health check against the server itself (grpc.health.v1, overall status).
+# gRPC health check against the server itself (grpc.health.v1, overall status). The endpoint
+# comes from LOYALTY_HEALTH_ENDPOINT, so a TLS deployment sets it (and LOYALTY_HEALTH_CA_CERT,
+# LOYALTY_HEALTH_TLS_DOMAIN) rather than rewriting the check.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["/usr/local/bin/loyalty", "health", "--endpoint", "http://127.0.0.1:50051"]
+    CMD ["/usr/local/bin/loyalty", "health"]
 ENTRYPOINT ["/usr/local/bin/loyalty"]
 CMD ["serve"]

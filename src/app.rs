@@ -130,6 +130,7 @@ impl Application {
         config: ServerConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Application, Error> {
+        crate::platform::tls::install_crypto_provider();
         let grpc_listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -267,7 +268,24 @@ impl Application {
                 body_budget_bytes: config.max_message_bytes + 5,
             },
         );
-        let router = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server
+                .tls_config(tls.server_config())
+                .map_err(|e| Error::internal(format!("TLS configuration: {e}")))?;
+        } else if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "serving plaintext gRPC beyond loopback: set LOYALTY_TLS_CERT and LOYALTY_TLS_KEY \
+                 unless a TLS-terminating proxy is in front"
+            );
+        }
+        let client_certificates = config
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.client_certificates())
+            .cloned();
+        let router = server
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(config.max_streams_per_connection))
@@ -286,7 +304,7 @@ impl Application {
                 config.max_public_in_flight,
                 config.queue_timeout,
             ))
-            .layer(AuthLayer::new(authenticator))
+            .layer(AuthLayer::new(authenticator).client_certificates(client_certificates))
             .layer(StreamsLayer::new(
                 config.max_streams,
                 config.max_public_streams,
@@ -294,7 +312,17 @@ impl Application {
             ))
             .add_routes(routes.routes());
 
-        tracing::info!(%addr, cache = parts.publisher.cache().is_enabled(), "serving gRPC");
+        tracing::info!(
+            %addr,
+            tls = config.tls.is_some(),
+            client_certificates = ?config
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.client_certificates())
+                .map(|c| c.scopes()),
+            cache = parts.publisher.cache().is_enabled(),
+            "serving gRPC"
+        );
         let mut draining = draining_rx;
         let signal = async move {
             shutdown.await;

@@ -4,6 +4,7 @@
 //! the variable, its value and the range.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -11,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::platform::cache::CacheConfig;
 use crate::platform::rate_limit::RateLimit;
 use crate::platform::store::DatabaseConfig;
+use crate::platform::tls::{self, ServerTls};
 use crate::telemetry::LogFormat;
 
 /// Checks that a setting lies in `min..=max`; the error names its environment variable.
@@ -86,6 +88,14 @@ pub enum Command {
         /// The service to ask about; empty means the server as a whole.
         #[arg(long, default_value = "")]
         service: String,
+        /// For an https:// endpoint: PEM file with the CA of the server's certificate (the
+        /// system's roots otherwise).
+        #[arg(long, env = "LOYALTY_HEALTH_CA_CERT")]
+        ca_cert: Option<String>,
+        /// For an https:// endpoint: the name the server's certificate is issued for, when
+        /// the endpoint's host is not it (e.g. 127.0.0.1 in a container).
+        #[arg(long, env = "LOYALTY_HEALTH_TLS_DOMAIN")]
+        tls_domain: Option<String>,
     },
 }
 
@@ -186,6 +196,29 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// PEM file with the server's certificate chain; with LOYALTY_TLS_KEY the server speaks
+    /// TLS only. Unset (the default): plaintext, meant for loopback or behind a TLS proxy.
+    #[arg(long, env = "LOYALTY_TLS_CERT")]
+    pub tls_cert: Option<String>,
+
+    /// PEM file with the private key of LOYALTY_TLS_CERT.
+    #[arg(long, env = "LOYALTY_TLS_KEY")]
+    pub tls_key: Option<String>,
+
+    /// PEM file with the CA(s) of client certificates. When set, internal callers (the keys of
+    /// LOYALTY_TLS_CLIENT_CERT_SCOPES) must connect with a certificate it signed.
+    #[arg(long, env = "LOYALTY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<String>,
+
+    /// Key scopes that need a client certificate when LOYALTY_TLS_CLIENT_CA is set
+    /// (comma-separated; empty: none).
+    #[arg(
+        long,
+        env = "LOYALTY_TLS_CLIENT_CERT_SCOPES",
+        default_value = tls::DEFAULT_CLIENT_CERT_SCOPES
+    )]
+    pub tls_client_cert_scopes: String,
+
     /// Prometheus /metrics listen address; empty disables it.
     #[arg(long, env = "LOYALTY_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: String,
@@ -196,6 +229,11 @@ pub struct ServeArgs {
     /// Redis URL of the cache; empty disables the cache.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// PEM file with the CA(s) that sign the certificate of a `rediss://` Redis, when the
+    /// system's roots do not.
+    #[arg(long, env = "LOYALTY_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<String>,
 
     /// Prefix of every Redis key (to share a Redis between deployments).
     #[arg(long, env = "LOYALTY_REDIS_PREFIX", default_value = "loyalty")]
@@ -284,6 +322,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// `None`: plaintext.
+    pub tls: Option<ServerTls>,
     pub metrics_listen: Option<SocketAddr>,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
@@ -305,7 +345,56 @@ pub struct ServerConfig {
     pub migrate: bool,
 }
 
+/// An optional path setting; an empty value counts as unset (as for `REDIS_URL`).
+fn path_setting(path: &Option<String>) -> Option<&Path> {
+    path.as_deref().filter(|p| !p.is_empty()).map(Path::new)
+}
+
 impl ServeArgs {
+    /// Server TLS from the settings: certificate and key go together, client certificates
+    /// need both; the files are read and checked now, so a bad one stops start-up.
+    fn tls(&self) -> Result<Option<ServerTls>, String> {
+        let client_ca = path_setting(&self.tls_client_ca);
+        let scopes = tls::parse_scopes(&self.tls_client_cert_scopes)?;
+        match (path_setting(&self.tls_cert), path_setting(&self.tls_key)) {
+            (Some(cert), Some(key)) => ServerTls::load(cert, key, client_ca, scopes).map(Some),
+            (Some(_), None) => Err(format!(
+                "{} is set but {} is not: the certificate needs its key",
+                tls::CERT_VARIABLE,
+                tls::KEY_VARIABLE
+            )),
+            (None, Some(_)) => Err(format!(
+                "{} is set but {} is not: the key needs its certificate",
+                tls::KEY_VARIABLE,
+                tls::CERT_VARIABLE
+            )),
+            (None, None) if client_ca.is_some() => Err(format!(
+                "{} needs {} and {}: client certificates only exist over TLS",
+                tls::CLIENT_CA_VARIABLE,
+                tls::CERT_VARIABLE,
+                tls::KEY_VARIABLE
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The CA of a `rediss://` Redis, checked; refused with a plaintext `redis://` URL,
+    /// where it would suggest an encryption that does not happen.
+    fn redis_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = path_setting(&self.redis_ca_cert) else {
+            return Ok(None);
+        };
+        if !self.redis_url.trim().starts_with("rediss://") {
+            return Err(
+                "LOYALTY_REDIS_CA_CERT is set but REDIS_URL is not a rediss:// (TLS) URL"
+                    .to_string(),
+            );
+        }
+        let pem = tls::read_setting_file("LOYALTY_REDIS_CA_CERT", path)?;
+        tls::root_store("LOYALTY_REDIS_CA_CERT", &pem)?;
+        Ok(Some(pem))
+    }
+
     pub fn config(&self) -> Result<ServerConfig, String> {
         let metrics_listen =
             if self.metrics_listen.trim().is_empty() {
@@ -330,10 +419,12 @@ impl ServeArgs {
         };
         Ok(ServerConfig {
             listen: self.listen,
+            tls: self.tls()?,
             metrics_listen,
             database: self.database.config()?,
             cache: CacheConfig {
                 url: Some(self.redis_url.clone()).filter(|u| !u.trim().is_empty()),
+                ca_cert_pem: self.redis_ca()?,
                 key_prefix: self.redis_prefix.clone(),
                 ttl: secs(
                     "LOYALTY_CACHE_TTL_SECS",
@@ -421,6 +512,7 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::platform::caller::Scope;
 
     #[test]
     fn defaults_parse() {
@@ -504,5 +596,165 @@ mod tests {
             .config()
             .unwrap();
         assert_eq!(config.max_message_bytes, 1024);
+    }
+
+    /// Certificate files for the TLS settings: a CA, a server certificate and key, and a
+    /// key of another pair, in a directory of their own.
+    fn pem_files(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("loyalty-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        for (file, pem) in [
+            ("ca.pem", ca_cert.pem()),
+            ("server.crt", cert.pem()),
+            ("server.key", key.serialize_pem()),
+            ("other.key", other.serialize_pem()),
+            ("garbage.pem", "not a certificate\n".to_string()),
+        ] {
+            std::fs::write(dir.join(file), pem).unwrap();
+        }
+        dir
+    }
+
+    fn arg(dir: &Path, file: &str) -> String {
+        dir.join(file).display().to_string()
+    }
+
+    #[test]
+    fn tls_is_off_by_default_and_loads_with_client_certificates() {
+        let config = serve_args(&[]).config().unwrap();
+        assert!(config.tls.is_none());
+        let dir = pem_files("valid");
+        let config = serve_args(&[
+            "--tls-cert",
+            &arg(&dir, "server.crt"),
+            "--tls-key",
+            &arg(&dir, "server.key"),
+        ])
+        .config()
+        .unwrap();
+        let tls = config.tls.expect("TLS configured");
+        assert!(tls.client_certificates().is_none());
+        let config = serve_args(&[
+            "--tls-cert",
+            &arg(&dir, "server.crt"),
+            "--tls-key",
+            &arg(&dir, "server.key"),
+            "--tls-client-ca",
+            &arg(&dir, "ca.pem"),
+        ])
+        .config()
+        .unwrap();
+        let tls = config.tls.expect("TLS configured");
+        let client = tls.client_certificates().expect("client certificates");
+        assert_eq!(
+            client.scopes(),
+            [Scope::Pos, Scope::Admin, Scope::Scheduler]
+        );
+        assert!(!client.required_for(Scope::App));
+        // The key never shows up in a debug print of the configuration.
+        let key = std::fs::read_to_string(dir.join("server.key")).unwrap();
+        let printed = format!("{tls:?}");
+        let body = key.lines().nth(1).unwrap();
+        assert!(!printed.contains(body), "{printed}");
+        // Empty values count as unset (an empty variable in a compose file).
+        let config = serve_args(&["--tls-cert", "", "--tls-key", ""])
+            .config()
+            .unwrap();
+        assert!(config.tls.is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn bad_tls_settings_are_start_up_errors_naming_the_variable() {
+        let dir = pem_files("bad");
+        let (cert, key, ca) = (
+            arg(&dir, "server.crt"),
+            arg(&dir, "server.key"),
+            arg(&dir, "ca.pem"),
+        );
+        let (other, garbage) = (arg(&dir, "other.key"), arg(&dir, "garbage.pem"));
+        let missing = arg(&dir, "missing.pem");
+        for (args, expected) in [
+            (
+                vec!["--tls-cert", &cert],
+                "LOYALTY_TLS_CERT is set but LOYALTY_TLS_KEY is not",
+            ),
+            (
+                vec!["--tls-key", &key],
+                "LOYALTY_TLS_KEY is set but LOYALTY_TLS_CERT is not",
+            ),
+            (
+                vec!["--tls-client-ca", &ca],
+                "LOYALTY_TLS_CLIENT_CA needs LOYALTY_TLS_CERT and LOYALTY_TLS_KEY",
+            ),
+            (
+                vec!["--tls-cert", &missing, "--tls-key", &key],
+                "LOYALTY_TLS_CERT=",
+            ),
+            (
+                vec!["--tls-cert", &garbage, "--tls-key", &key],
+                "LOYALTY_TLS_CERT: no certificate in it",
+            ),
+            (
+                vec!["--tls-cert", &cert, "--tls-key", &garbage],
+                "LOYALTY_TLS_KEY: no usable private key",
+            ),
+            (
+                vec!["--tls-cert", &cert, "--tls-key", &other],
+                "LOYALTY_TLS_KEY does not fit LOYALTY_TLS_CERT",
+            ),
+            (
+                vec![
+                    "--tls-cert",
+                    &cert,
+                    "--tls-key",
+                    &key,
+                    "--tls-client-ca",
+                    &garbage,
+                ],
+                "LOYALTY_TLS_CLIENT_CA: no certificate in it",
+            ),
+            (
+                vec!["--tls-client-cert-scopes", "pos,root"],
+                "LOYALTY_TLS_CLIENT_CERT_SCOPES=\"pos,root\": unknown scope \"root\"",
+            ),
+            (
+                vec!["--redis-ca-cert", &ca],
+                "LOYALTY_REDIS_CA_CERT is set but REDIS_URL is not a rediss://",
+            ),
+            (
+                vec![
+                    "--redis-url",
+                    "rediss://cache:6380",
+                    "--redis-ca-cert",
+                    &garbage,
+                ],
+                "LOYALTY_REDIS_CA_CERT: no certificate in it",
+            ),
+        ] {
+            let error = serve_args(&args).config().unwrap_err();
+            assert!(error.starts_with(expected), "{args:?}: {error}");
+        }
+        let missing_error = serve_args(&["--tls-cert", &missing, "--tls-key", &key])
+            .config()
+            .unwrap_err();
+        assert!(missing_error.contains("cannot read it"), "{missing_error}");
+        let config = serve_args(&["--redis-url", "rediss://cache:6380", "--redis-ca-cert", &ca])
+            .config()
+            .unwrap();
+        assert!(config.cache.ca_cert_pem.is_some());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -37,4 +37,5 @@ pub use platform::caller::{MerchantId, Scope};
 pub use platform::rate_limit::RateLimit;
 pub use platform::service::{Access, Declaration, Method, Service};
 pub use platform::store::{DatabaseConfig, MIGRATOR, Store};
+pub use platform::tls::ServerTls;
 pub use telemetry::{Metrics, code_name};

@@ -12,6 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    loyalty::platform::tls::install_crypto_provider();
     let args = Cli::parse();
     let mut spans = telemetry::init_tracing(args.log_format);
     let result = match args.command {
@@ -28,7 +29,20 @@ async fn main() -> ExitCode {
         Command::Migrate(database) => cli::migrate(&database).await,
         Command::Merchant { command } => cli::merchant(command).await,
         Command::Key { command } => cli::key(command).await,
-        Command::Health { endpoint, service } => cli::health(&endpoint, &service).await,
+        Command::Health {
+            endpoint,
+            service,
+            ca_cert,
+            tls_domain,
+        } => {
+            cli::health(
+                &endpoint,
+                &service,
+                ca_cert.as_deref(),
+                tls_domain.as_deref(),
+            )
+            .await
+        }
     };
     if let Some(spans) = spans.as_mut() {
         spans.shutdown();

@@ -94,12 +94,39 @@ pub async fn key(command: KeyCommand) -> Result<(), Error> {
 }
 
 /// Exit status 0 when the server at `endpoint` reports SERVING for `service`.
-pub async fn health(endpoint: &str, service: &str) -> Result<(), Error> {
+pub async fn health(
+    endpoint: &str,
+    service: &str,
+    ca_cert: Option<&str>,
+    tls_domain: Option<&str>,
+) -> Result<(), Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig};
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| Error::invalid("endpoint", e.to_string()))?
+    let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| Error::invalid("endpoint", e.to_string()))?;
+    if endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match ca_cert.filter(|path| !path.is_empty()) {
+            Some(path) => {
+                let pem = crate::platform::tls::read_setting_file(
+                    "LOYALTY_HEALTH_CA_CERT",
+                    std::path::Path::new(path),
+                )
+                .map_err(|e| Error::invalid("ca_cert", e))?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        if let Some(domain) = tls_domain.filter(|d| !d.is_empty()) {
+            tls = tls.domain_name(domain);
+        }
+        target = target
+            .tls_config(tls)
+            .map_err(|e| Error::invalid("endpoint", e.to_string()))?;
+    }
+    let channel = target
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2))
         .connect()

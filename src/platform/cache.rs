@@ -56,8 +56,10 @@ return 1
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// `None` disables the cache: every read goes to Postgres.
+    /// `None` disables the cache: every read goes to Postgres. `rediss://` speaks TLS.
     pub url: Option<String>,
+    /// PEM CA certificate(s) trusted for a `rediss://` Redis instead of the system's roots.
+    pub ca_cert_pem: Option<Vec<u8>>,
     /// First segment of every key, to share one Redis between deployments (or test runs).
     pub key_prefix: String,
     pub ttl: Duration,
@@ -146,8 +148,17 @@ impl Cache {
         let Some(url) = config.url.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(Cache::disabled());
         };
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::internal(format!("invalid REDIS_URL: {e}")))?;
+        let client = match &config.ca_cert_pem {
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| Error::internal(format!("invalid REDIS_URL: {e}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(100))))
             .set_response_timeout(Some(config.timeout))

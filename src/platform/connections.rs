@@ -21,7 +21,7 @@ use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TlsConnectInfo};
 
 use crate::telemetry::throttle::LogThrottle;
 
@@ -37,9 +37,14 @@ pub struct ConnectionInfo {
     pub body_budget: Arc<Semaphore>,
 }
 
-/// The connection a request came on; `None` for in-process transports (tests).
+/// The connection a request came on, with or without TLS; `None` for in-process transports.
 pub fn connection_of<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
-    request.extensions().get::<ConnectionInfo>()
+    let extensions = request.extensions();
+    extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<ConnectionInfo>>()
+            .map(|tls| tls.get_ref())
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -19,6 +19,7 @@ pub mod proto;
 pub mod rate_limit;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod validation;
 
 use std::sync::Arc;

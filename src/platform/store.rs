@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{Postgres, Transaction};
 
 use crate::error::Error;
@@ -36,6 +36,36 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
 }
 
+/// Whether the URL (or `PGSSLMODE`) says how to use TLS.
+fn names_ssl_mode(url: &str) -> bool {
+    std::env::var_os("PGSSLMODE").is_some()
+        || url.split_once('?').is_some_and(|(_, query)| {
+            query.split('&').any(|pair| {
+                let key = pair.split('=').next().unwrap_or_default();
+                key == "sslmode" || key == "ssl-mode"
+            })
+        })
+}
+
+/// Without an `sslmode`, sqlx (like libpq) tries TLS first (`prefer`). On loopback that
+/// buys nothing and costs every statement, so there the default stays plaintext, as it was
+/// before TLS was built in; anywhere else, and whenever `sslmode` is given, it is obeyed.
+fn plaintext_on_loopback(options: PgConnectOptions, url: &str) -> PgConnectOptions {
+    let host = options.get_host();
+    let loopback = host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback && !names_ssl_mode(url) {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    }
+}
+
 /// The Postgres side of storage. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -49,7 +79,8 @@ impl Store {
         let options: PgConnectOptions = config
             .url
             .parse::<PgConnectOptions>()
-            .map_err(|e| Error::internal(format!("invalid DATABASE_URL: {e}")))?
+            .map_err(|e| Error::internal(format!("invalid DATABASE_URL: {e}")))?;
+        let options = plaintext_on_loopback(options, &config.url)
             .application_name("loyalty")
             .options([(
                 "statement_timeout",
@@ -177,5 +208,46 @@ pub(crate) fn db_error(error: sqlx::Error) -> Error {
             }
         }
         _ => Error::internal(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> PgSslMode {
+        plaintext_on_loopback(url.parse().unwrap(), url).get_ssl_mode()
+    }
+
+    #[test]
+    fn loopback_stays_plaintext_unless_the_url_asks_for_tls() {
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return; // the environment decides, by design
+        }
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1:5432/loyalty"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@localhost/loyalty"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@[::1]:5432/loyalty"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/loyalty?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@db.internal/loyalty?application_name=x&sslmode=verify-full"),
+            PgSslMode::VerifyFull
+        ));
+        // Elsewhere sqlx's own default (prefer: TLS when offered) applies.
+        assert!(matches!(
+            mode("postgres://postgres@db.internal/loyalty"),
+            PgSslMode::Prefer
+        ));
     }
 }

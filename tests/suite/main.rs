@@ -16,4 +16,5 @@ mod reliability_tenancy;
 mod request_ids;
 mod server;
 mod streams;
+mod tls;
 mod validation;

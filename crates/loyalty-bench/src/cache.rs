@@ -46,6 +46,7 @@ pub async fn warm(
     let cache = Cache::new(
         CacheConfig {
             url: Some(redis_url.to_string()),
+            ca_cert_pem: None,
             key_prefix: prefix.to_string(),
             ttl: TTL,
             // Generous: a bulk load queues behind itself; the server's 100 ms is for RPCs.

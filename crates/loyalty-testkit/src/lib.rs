@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod probe;
 pub mod proxy;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use tokio::sync::oneshot;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub fn admin_database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -91,6 +92,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// An existing database (e.g. an empty one the server is to migrate), dropped like a
+    /// cloned one.
+    pub fn existing(admin_url: &str, name: &str) -> TestDb {
+        TestDb {
+            name: name.to_string(),
+            url: with_database(admin_url, name),
+            admin_url: admin_url.to_string(),
+        }
+    }
+
     pub async fn create() -> TestDb {
         Self::create_on(&admin_database_url()).await
     }
@@ -272,6 +283,10 @@ pub struct Merchant {
 /// Server settings a test may change before spawning.
 pub struct Options {
     pub redis_url: Option<String>,
+    /// The CA of a `rediss://` Redis (PEM), instead of the system's roots.
+    pub redis_ca_cert_pem: Option<Vec<u8>>,
+    /// Serve over TLS (see [`tls::TestPki::server_tls`]); `None`: plaintext.
+    pub tls: Option<loyalty::ServerTls>,
     pub database_url: Option<String>,
     pub rate_limit: Option<loyalty::RateLimit>,
     pub max_in_flight: usize,
@@ -303,6 +318,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             redis_url: Some(redis_url()),
+            redis_ca_cert_pem: None,
+            tls: None,
             database_url: None,
             rate_limit: None,
             max_in_flight: 256,
@@ -401,6 +418,7 @@ impl TestApp {
             .unwrap_or_else(|| format!("test:{}", db.name));
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            tls: options.tls.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             database: DatabaseConfig {
                 url: {
@@ -419,6 +437,7 @@ impl TestApp {
             },
             cache: CacheConfig {
                 url: options.redis_url.clone(),
+                ca_cert_pem: options.redis_ca_cert_pem.clone(),
                 key_prefix: key_prefix.clone(),
                 ttl: Duration::from_secs(300),
                 timeout: options.cache_timeout,
@@ -519,7 +538,28 @@ impl TestApp {
             .expect("connect to test server")
     }
 
-    fn bearer(key: &str) -> Bearer {
+    /// A plaintext channel, or the error connecting (e.g. to a server that speaks TLS).
+    pub async fn try_channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+    }
+
+    /// A channel over TLS (the server must serve with [`Options::tls`]); an error when the
+    /// handshake fails.
+    pub async fn tls_channel(
+        &self,
+        tls: ClientTlsConfig,
+    ) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await
+    }
+
+    pub fn bearer(key: &str) -> Bearer {
         Bearer(format!("Bearer {key}").parse().expect("ascii key"))
     }
 

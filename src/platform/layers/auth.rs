@@ -3,6 +3,11 @@
 //! built from the features' declarations); the key's rate limit must have room. The resolved
 //! [`Caller`] is attached to the request for the handler, and its merchant and key id to the
 //! request's span. Health and reflection are public.
+//!
+//! With client certificates configured (`LOYALTY_TLS_CLIENT_CA`), the keys of internal scopes
+//! are a first factor only: they are accepted over a connection that presented a certificate
+//! the TLS handshake verified against that CA, and refused with UNAUTHENTICATED otherwise. A
+//! stolen till key is then useless without the till's certificate.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,11 +15,15 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::body::Body;
+use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
 use crate::error::Error;
 use crate::platform::caller::Caller;
+use crate::platform::caller::Scope;
+use crate::platform::connections::ConnectionInfo;
 use crate::platform::service::{Access, route_of};
+use crate::platform::tls::ClientCertificates;
 
 /// What the layer asks of whoever knows the keys (`access::Authenticator`).
 pub trait Authenticate: Send + Sync + 'static {
@@ -30,11 +39,21 @@ pub trait Authenticate: Send + Sync + 'static {
 
 pub struct AuthLayer<A> {
     authenticator: Arc<A>,
+    client_certificates: Option<Arc<ClientCertificates>>,
 }
 
 impl<A> AuthLayer<A> {
     pub fn new(authenticator: Arc<A>) -> AuthLayer<A> {
-        AuthLayer { authenticator }
+        AuthLayer {
+            authenticator,
+            client_certificates: None,
+        }
+    }
+
+    /// Requires a verified client certificate for the keys of the configured scopes.
+    pub fn client_certificates(mut self, policy: Option<ClientCertificates>) -> AuthLayer<A> {
+        self.client_certificates = policy.map(Arc::new);
+        self
     }
 }
 
@@ -42,7 +61,32 @@ impl<A> Clone for AuthLayer<A> {
     fn clone(&self) -> Self {
         AuthLayer {
             authenticator: self.authenticator.clone(),
+            client_certificates: self.client_certificates.clone(),
         }
+    }
+}
+
+/// Whether the request's connection presented a client certificate. tonic records the peer's
+/// chain only after the handshake verified it against the client CA (a chain that does not
+/// verify fails the handshake), so presence means verified. Any other transport counts as
+/// no certificate: the check fails closed.
+fn has_client_certificate<B>(request: &http::Request<B>) -> bool {
+    request
+        .extensions()
+        .get::<TlsConnectInfo<ConnectionInfo>>()
+        .and_then(|info| info.peer_certs())
+        .is_some_and(|chain| !chain.is_empty())
+}
+
+/// The refusal names what is missing; the scope is known, the key is not repeated.
+fn certificate_required(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Pos => "an API key with scope pos needs a client certificate (mutual TLS) here",
+        Scope::App => "an API key with scope app needs a client certificate (mutual TLS) here",
+        Scope::Scheduler => {
+            "an API key with scope scheduler needs a client certificate (mutual TLS) here"
+        }
+        Scope::Admin => "an API key with scope admin needs a client certificate (mutual TLS) here",
     }
 }
 
@@ -53,6 +97,7 @@ impl<S, A> Layer<S> for AuthLayer<A> {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
+            client_certificates: self.client_certificates.clone(),
         }
     }
 }
@@ -60,6 +105,7 @@ impl<S, A> Layer<S> for AuthLayer<A> {
 pub struct AuthService<S, A> {
     inner: S,
     authenticator: Arc<A>,
+    client_certificates: Option<Arc<ClientCertificates>>,
 }
 
 impl<S: Clone, A> Clone for AuthService<S, A> {
@@ -67,6 +113,7 @@ impl<S: Clone, A> Clone for AuthService<S, A> {
         AuthService {
             inner: self.inner.clone(),
             authenticator: self.authenticator.clone(),
+            client_certificates: self.client_certificates.clone(),
         }
     }
 }
@@ -93,6 +140,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let authenticator = self.authenticator.clone();
+        let client_certificates = self.client_certificates.clone();
+        let has_certificate = has_client_certificate(&request);
         Box::pin(async move {
             let header = request
                 .headers()
@@ -100,6 +149,12 @@ where
                 .and_then(|v| v.to_str().ok());
             let checked = async {
                 let caller = authenticator.authenticate(header).await?;
+                if let Some(policy) = &client_certificates
+                    && policy.required_for(caller.scope)
+                    && !has_certificate
+                {
+                    return Err(Error::Unauthenticated(certificate_required(caller.scope)));
+                }
                 if !scopes.contains(&caller.scope) {
                     return Err(Error::PermissionDenied(format!(
                         "an API key with scope {} cannot call this method",

@@ -118,6 +118,17 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Creates, starts and prepares a cluster (blocking: a few seconds).
     pub fn start() -> PrivatePostgres {
+        Self::start_with(None)
+    }
+
+    /// A cluster that speaks TLS only, with `pki`'s server certificate (for `127.0.0.1` and
+    /// `localhost`): `ssl = on`, and `pg_hba.conf` admits `hostssl` connections and rejects
+    /// every `hostnossl` one.
+    pub fn start_tls(pki: &crate::tls::TestPki) -> PrivatePostgres {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(tls: Option<&crate::tls::TestPki>) -> PrivatePostgres {
         let root = scratch_dir("pg");
         let data = root.join("data");
         std::fs::create_dir_all(&data).unwrap();
@@ -146,6 +157,9 @@ impl PrivatePostgres {
                 "-D",
             ])
             .arg(&pg.data));
+        if let Some(pki) = tls {
+            pg.require_tls(pki);
+        }
         pg.start_server(true);
         run(pg.tool("createdb", false).args([
             "-h",
@@ -157,6 +171,34 @@ impl PrivatePostgres {
             DATABASE,
         ]));
         pg
+    }
+
+    fn require_tls(&self, pki: &crate::tls::TestPki) {
+        let key = self.data.join("server.key");
+        std::fs::write(self.data.join("server.crt"), &pki.server_cert_pem).unwrap();
+        std::fs::write(&key, &pki.server_key_pem).unwrap();
+        // PostgreSQL refuses a key that others can read, or that is not its own.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if self.as_postgres {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&key)
+                .arg(self.data.join("server.crt")));
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut settings = std::fs::read_to_string(&conf).unwrap();
+        settings
+            .push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, settings).unwrap();
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n\
+             hostnossl all all all reject\n",
+        )
+        .unwrap();
     }
 
     /// A PostgreSQL tool; `as_owner` runs it as the cluster's owner.
@@ -256,28 +298,62 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Serves TLS only on `port`, with these certificate files (cert, key, CA).
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl PrivateRedis {
     pub fn launch() -> PrivateRedis {
+        Self::launch_with(None)
+    }
+
+    /// A Redis that speaks TLS only (`rediss://`), with `pki`'s server certificate; clients
+    /// need no certificate of their own.
+    pub fn launch_tls(pki: &crate::tls::TestPki) -> PrivateRedis {
+        Self::launch_with(Some([
+            pki.server_cert_path(),
+            pki.server_key_path(),
+            pki.ca_path(),
+        ]))
+    }
+
+    fn launch_with(tls: Option<[PathBuf; 3]>) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: free_port(),
             dir: scratch_dir("redis"),
             child: None,
+            tls,
         };
         redis.start();
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts it (again) on its port and waits until it accepts connections.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some([cert, key, ca]) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
