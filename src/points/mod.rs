@@ -12,7 +12,10 @@ pub mod sql;
 mod store;
 mod use_cases;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 pub use grpc::{balance_message, ledger_page_message};
 pub use use_cases::LedgerPage;
@@ -20,6 +23,7 @@ pub use use_cases::LedgerPage;
 use crate::pb::checkout_service_server::{CheckoutServiceServer, SERVICE_NAME};
 use crate::platform::Parts;
 use crate::platform::cache_repair::Publisher;
+use crate::platform::caller::MerchantId;
 use crate::platform::clock::Clock;
 use crate::platform::service::{Declaration, Method, POS, Service};
 use crate::platform::store::Store;
@@ -40,6 +44,8 @@ pub struct Points {
     publisher: Publisher,
     programs: ProgramCache,
     clock: Arc<dyn Clock>,
+    /// One large basket earned at a time per merchant (`use_cases::earn_off_workers`).
+    large_baskets: LargeBaskets,
 }
 
 impl Points {
@@ -49,12 +55,31 @@ impl Points {
             publisher: parts.publisher.clone(),
             programs: programs.clone(),
             clock: parts.clock.clone(),
+            large_baskets: LargeBaskets::default(),
         }
     }
 
     /// The service clock's "now", for validating requests.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
         self.clock.now()
+    }
+}
+
+/// A turn per merchant for earning large baskets: a merchant whose tills send many of the
+/// largest baskets at once waits for its own turns, and never takes more than one core from
+/// everyone else. Cheap to clone.
+#[derive(Clone, Default)]
+struct LargeBaskets {
+    turns: Arc<Mutex<HashMap<MerchantId, Arc<Semaphore>>>>,
+}
+
+impl LargeBaskets {
+    fn of(&self, merchant: MerchantId) -> Arc<Semaphore> {
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns
+            .entry(merchant)
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone()
     }
 }
 

@@ -1,7 +1,7 @@
 //! The merchant's program: currency, earn rate, minimum purchase, category multipliers and
 //! promotions. Validated once when an admin writes it; read on every checkout.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,9 @@ pub const MAX_EARN_POINTS: u32 = 1_000_000;
 pub const MAX_EARN_CURRENCY_UNITS: u32 = 1_000_000;
 pub const MAX_CATEGORIES: usize = 1_000;
 pub const MAX_PROMOTIONS: usize = 100;
+/// Categories named by all promotions together: bounds the size of a program (a program of
+/// 100 promotions naming 1,000 categories each was 0.7 MB) and the work of indexing it.
+pub const MAX_PROMOTION_CATEGORIES: usize = 10_000;
 pub const MAX_CATEGORY_CHARS: usize = 64;
 
 /// `points` points for every `currency_units` whole units of currency.
@@ -43,6 +46,45 @@ impl Promotion {
         self.starts_at <= at
             && at < self.ends_at
             && (self.categories.is_empty() || self.categories.iter().any(|c| c == category))
+    }
+}
+
+/// The promotions of a program by the category they name, built once per program version, so
+/// that earning costs O(lines + matching promotions), not O(lines × all promotion categories).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromotionIndex {
+    /// Category → the promotions naming it, in program order.
+    by_category: HashMap<String, Vec<usize>>,
+    /// Promotions that name no category: they apply to every line.
+    every_line: Vec<usize>,
+}
+
+impl PromotionIndex {
+    pub fn new(promotions: &[Promotion]) -> PromotionIndex {
+        let mut index = PromotionIndex::default();
+        for (i, promotion) in promotions.iter().enumerate() {
+            if promotion.categories.is_empty() {
+                index.every_line.push(i);
+            }
+            for category in &promotion.categories {
+                let named = index.by_category.entry(category.clone()).or_default();
+                // A category listed twice by one promotion counts once.
+                if named.last() != Some(&i) {
+                    named.push(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// The promotions that may apply to a line of `category` (their windows still to be
+    /// checked), by index into the program's promotions.
+    pub fn candidates<'a>(&'a self, category: &str) -> impl Iterator<Item = usize> + 'a {
+        let named = self
+            .by_category
+            .get(category)
+            .map_or(&[][..], Vec::as_slice);
+        self.every_line.iter().chain(named).copied()
     }
 }
 
@@ -85,6 +127,8 @@ pub struct Program {
     pub rules: ProgramRules,
     pub version: i64,
     pub updated_at: DateTime<Utc>,
+    /// Built from `rules.promotions` when the program is loaded.
+    pub promotion_index: PromotionIndex,
 }
 
 /// A category multiplier as the caller sent it (before duplicate and bound checks).
@@ -188,6 +232,16 @@ impl ProgramRules {
             v.add(
                 "program.promotions",
                 format!("at most {MAX_PROMOTIONS} entries"),
+            );
+        }
+        let named_categories: usize = input.promotions.iter().map(|p| p.categories.len()).sum();
+        if named_categories > MAX_PROMOTION_CATEGORIES {
+            v.add(
+                "program.promotions",
+                format!(
+                    "name {named_categories} categories in all; at most \
+                     {MAX_PROMOTION_CATEGORIES} across all promotions"
+                ),
             );
         }
         let mut promotions = Vec::new();

@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
-use crate::programs::rules::{EarnRate, Program, ProgramRules, Promotion};
+use crate::programs::rules::{EarnRate, Program, ProgramRules, Promotion, PromotionIndex};
 
 #[derive(sqlx::FromRow)]
 struct ProgramRow {
@@ -30,7 +30,9 @@ impl ProgramRow {
         let currency = Currency::parse("currency", &self.currency).map_err(|_| {
             Error::internal(format!("stored currency {:?} is invalid", self.currency))
         })?;
+        let promotion_index = PromotionIndex::new(&self.promotions.0);
         Ok(Program {
+            promotion_index,
             rules: ProgramRules {
                 currency,
                 earn_rate: EarnRate {

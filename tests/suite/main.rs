@@ -8,6 +8,7 @@ mod binary;
 mod cache;
 mod checkout;
 mod exhaustion;
+mod isolation;
 mod members;
 mod program;
 mod reliability_bad_input;

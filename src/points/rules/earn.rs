@@ -5,10 +5,17 @@
 //!
 //! Everything is exact integer arithmetic in 128 bits and rounds down once, per purchase, so
 //! splitting a basket into more lines never loses points to rounding.
+//!
+//! A line looks only at the promotions that name its category (or none), through the
+//! program's [`PromotionIndex`]: a basket costs O(lines + matching promotions), whatever the
+//! size of the program, so one merchant's large program and large baskets cannot hold an
+//! async worker for long.
 
 use crate::platform::validation::Invalid;
 use crate::points::rules::purchase::Basket;
-use crate::programs::rules::{BASE_MULTIPLIER_BP, ProgramRules, Promotion};
+use crate::programs::rules::{
+    BASE_MULTIPLIER_BP, Program, ProgramRules, Promotion, PromotionIndex,
+};
 
 /// The most points one purchase may earn. A balance holds up to `i64::MAX` (about 9.2 × 10^18),
 /// so a customer can take thousands of purchases at this cap before the balance is full; without
@@ -25,7 +32,21 @@ pub struct Earn {
     pub applied_promotion_ids: Vec<String>,
 }
 
-pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
+/// The points `basket` earns under a loaded program (its promotion index built already).
+pub fn earn(program: &Program, basket: &Basket) -> Result<Earn, Invalid> {
+    earn_indexed(&program.rules, &program.promotion_index, basket)
+}
+
+/// Like [`earn`], for rules not loaded as a program (the index is built on the spot).
+pub fn earn_under(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
+    earn_indexed(rules, &PromotionIndex::new(&rules.promotions), basket)
+}
+
+fn earn_indexed(
+    rules: &ProgramRules,
+    index: &PromotionIndex,
+    basket: &Basket,
+) -> Result<Earn, Invalid> {
     if basket.currency != rules.currency {
         return Err(Invalid::field(
             "currency",
@@ -43,7 +64,7 @@ pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
     let mut applied = vec![false; rules.promotions.len()];
     let mut weighted: i128 = 0; // minor units × bp × bp
     let mut add = |category: &str, amount_minor: i64| {
-        let best = best_promotion(&rules.promotions, category, basket);
+        let best = best_promotion(&rules.promotions, index.candidates(category), basket);
         let promotion_bp = match best {
             Some(index) => {
                 applied[index] = true;
@@ -91,14 +112,23 @@ pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
     })
 }
 
-/// The promotion with the highest multiplier among those matching the line; on a tie the one
-/// listed first. Promotions never stack.
-fn best_promotion(promotions: &[Promotion], category: &str, basket: &Basket) -> Option<usize> {
+/// The promotion with the highest multiplier among the line's candidates that are running
+/// when the basket was bought; on a tie the one listed first. Promotions never stack.
+fn best_promotion(
+    promotions: &[Promotion],
+    candidates: impl Iterator<Item = usize>,
+    basket: &Basket,
+) -> Option<usize> {
     let mut best: Option<usize> = None;
-    for (index, promotion) in promotions.iter().enumerate() {
-        if promotion.matches(category, basket.occurred_at)
-            && best.is_none_or(|b| promotion.multiplier_bp > promotions[b].multiplier_bp)
-        {
+    for index in candidates {
+        let promotion = &promotions[index];
+        let running =
+            promotion.starts_at <= basket.occurred_at && basket.occurred_at < promotion.ends_at;
+        let better = best.is_none_or(|b| {
+            let held = promotions[b].multiplier_bp;
+            promotion.multiplier_bp > held || (promotion.multiplier_bp == held && index < b)
+        });
+        if running && better {
             best = Some(index);
         }
     }
@@ -143,7 +173,7 @@ mod tests {
     }
 
     fn points(rules: &ProgramRules, basket: &Basket) -> i64 {
-        earn(rules, basket).unwrap().points
+        earn_under(rules, basket).unwrap().points
     }
 
     fn promotion(
@@ -220,11 +250,11 @@ mod tests {
             .promotions
             .push(promotion("double-coffee", 20_000, 10, 14, &["coffee"]));
         let mut b = basket(&[("coffee", 1000), ("tea", 1000)]);
-        let result = earn(&rules, &b).unwrap();
+        let result = earn_under(&rules, &b).unwrap();
         assert_eq!(result.points, 30);
         assert_eq!(result.applied_promotion_ids, ["double-coffee"]);
         b.occurred_at = at(14); // the window is half-open
-        let result = earn(&rules, &b).unwrap();
+        let result = earn_under(&rules, &b).unwrap();
         assert_eq!(result.points, 20);
         assert!(result.applied_promotion_ids.is_empty());
     }
@@ -239,7 +269,7 @@ mod tests {
         rules
             .promotions
             .push(promotion("coffee-triple", 30_000, 0, 23, &["coffee"]));
-        let result = earn(&rules, &basket(&[("coffee", 1000), ("tea", 1000)])).unwrap();
+        let result = earn_under(&rules, &basket(&[("coffee", 1000), ("tea", 1000)])).unwrap();
         // coffee: 10 × 1.5 × 3 = 45; tea: 10 × 1 × 2 = 20.
         assert_eq!(result.points, 65);
         assert_eq!(
@@ -266,9 +296,9 @@ mod tests {
     fn minimum_purchase_amount() {
         let mut rules = rules();
         rules.minimum_purchase_minor = 500;
-        let below = earn(&rules, &basket(&[("", 499)])).unwrap();
+        let below = earn_under(&rules, &basket(&[("", 499)])).unwrap();
         assert_eq!((below.points, below.eligible), (0, false));
-        let at_minimum = earn(&rules, &basket(&[("", 500)])).unwrap();
+        let at_minimum = earn_under(&rules, &basket(&[("", 500)])).unwrap();
         assert_eq!((at_minimum.points, at_minimum.eligible), (5, true));
     }
 
@@ -276,7 +306,7 @@ mod tests {
     fn the_currency_must_be_the_programs() {
         let mut b = basket(&[("", 100)]);
         b.currency = Currency::parse("c", "USD").unwrap();
-        match earn(&rules(), &b) {
+        match earn_under(&rules(), &b) {
             Err(Invalid(v)) => assert_eq!(v[0].field, "currency"),
             other => panic!("{other:?}"),
         }
@@ -315,7 +345,7 @@ mod tests {
         rules
             .promotions
             .push(promotion("max", MAX_MULTIPLIER_BP, 0, 23, &[]));
-        assert_refused_on_total(earn(&rules, &yen_basket("x", MAX_AMOUNT_MINOR)));
+        assert_refused_on_total(earn_under(&rules, &yen_basket("x", MAX_AMOUNT_MINOR)));
     }
 
     #[test]
@@ -323,10 +353,57 @@ mod tests {
         let rules = yen_rules(1_000);
         let at_cap = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000);
         assert_eq!(
-            earn(&rules, &at_cap).unwrap().points,
+            earn_under(&rules, &at_cap).unwrap().points,
             MAX_POINTS_PER_PURCHASE
         );
         let over = yen_basket("", MAX_POINTS_PER_PURCHASE / 1_000 + 1);
-        assert_refused_on_total(earn(&rules, &over));
+        assert_refused_on_total(earn_under(&rules, &over));
+    }
+
+    /// The rule before the index: every promotion checked for every line.
+    fn best_by_scanning(
+        promotions: &[Promotion],
+        category: &str,
+        basket: &Basket,
+    ) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for (index, promotion) in promotions.iter().enumerate() {
+            if promotion.matches(category, basket.occurred_at)
+                && best.is_none_or(|b| promotion.multiplier_bp > promotions[b].multiplier_bp)
+            {
+                best = Some(index);
+            }
+        }
+        best
+    }
+
+    proptest::proptest! {
+        /// The index picks the same promotion as scanning every promotion, ties included.
+        #[test]
+        fn the_index_picks_what_scanning_all_promotions_would(
+            promos in proptest::collection::vec(
+                (0u32..4, 8u32..14, 12u32..18, proptest::collection::vec(0usize..5, 0..4)),
+                0..8,
+            ),
+            lines in proptest::collection::vec(0usize..6, 1..10),
+        ) {
+            const CATEGORIES: [&str; 6] = ["a", "b", "c", "d", "e", ""];
+            let promotions: Vec<Promotion> = promos
+                .iter()
+                .enumerate()
+                .map(|(i, (m, from, to, cats))| {
+                    let names: Vec<&str> = cats.iter().map(|c| CATEGORIES[*c]).collect();
+                    promotion(&format!("p{i}"), 10_000 + m * 5_000, *from, *to, &names)
+                })
+                .collect();
+            let b = basket(&lines.iter().map(|l| (CATEGORIES[*l], 100)).collect::<Vec<_>>());
+            let index = PromotionIndex::new(&promotions);
+            for line in &b.lines {
+                proptest::prop_assert_eq!(
+                    best_promotion(&promotions, index.candidates(&line.category), &b),
+                    best_by_scanning(&promotions, &line.category, &b)
+                );
+            }
+        }
     }
 }
