@@ -274,6 +274,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
     pub rate_limit: Option<loyalty::RateLimit>,
+    /// Per peer address: lookups of keys that turn out unknown.
+    pub failed_auth_limit: loyalty::RateLimit,
     pub max_in_flight: usize,
     /// Streams open at once (their own pool, apart from `max_in_flight`).
     pub max_streams: usize,
@@ -301,6 +303,10 @@ impl Default for Options {
             redis_url: Some(redis_url()),
             database_url: None,
             rate_limit: None,
+            failed_auth_limit: loyalty::RateLimit {
+                per_second: 1000,
+                burst: 1000,
+            },
             max_in_flight: 256,
             max_streams: 1000,
             streaming_probe: false,
@@ -403,6 +409,7 @@ impl TestApp {
             },
             key_cache_ttl: options.key_cache_ttl,
             rate_limit: options.rate_limit,
+            failed_auth_limit: options.failed_auth_limit,
             max_in_flight: options.max_in_flight,
             max_streams: options.max_streams,
             queue_timeout: options.queue_timeout,

@@ -4,12 +4,14 @@
 //! [`Caller`] is attached to the request for the handler, and its merchant and key id to the
 //! request's span. Health and reflection are public.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use tonic::Status;
 use tonic::body::Body;
+use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
 use crate::error::Error;
@@ -18,10 +20,12 @@ use crate::platform::service::{Access, route_of};
 
 /// What the layer asks of whoever knows the keys (`access::Authenticator`).
 pub trait Authenticate: Send + Sync + 'static {
-    /// Resolves the value of an `authorization` header (`Bearer <key>`) to the caller.
+    /// Resolves the value of an `authorization` header (`Bearer <key>`), sent from `peer`
+    /// (the remote address, when the connection has one), to the caller.
     fn authenticate(
         &self,
         authorization: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> impl Future<Output = Result<Caller, Error>> + Send;
 
     /// Takes one request from the caller's budget.
@@ -98,8 +102,13 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
+            let peer = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .map(|addr| addr.ip());
             let checked = async {
-                let caller = authenticator.authenticate(header).await?;
+                let caller = authenticator.authenticate(header, peer).await?;
                 if !scopes.contains(&caller.scope) {
                     return Err(Error::PermissionDenied(format!(
                         "an API key with scope {} cannot call this method",
