@@ -34,7 +34,11 @@ impl Points {
             .programs
             .get(&mut conn, caller.merchant, version)
             .await?;
-        Ok(earn::earn(&program.rules, &quote.basket)?)
+        let rules = &program.rules;
+        let at = rules
+            .receipt_age
+            .earning_instant(quote.basket.occurred_at, self.clock.now())?;
+        Ok(earn::earn_at(rules, &quote.basket, at)?)
     }
 
     /// Records a purchase and earns its points, at most once per `purchase_id`.
@@ -57,10 +61,17 @@ impl Points {
             .programs
             .get(&mut conn, merchant, program_version)
             .await?;
-        let earned = match earn::earn(&program.rules, &purchase.basket) {
+        let rules = &program.rules;
+        let basket = &purchase.basket;
+        let earned = match rules
+            .receipt_age
+            .earning_instant(basket.occurred_at, self.clock.now())
+            .and_then(|at| earn::earn_at(rules, basket, at))
+        {
             Ok(earned) => earned,
             // A retry gets its original answer even if the program has changed since in a
-            // way that this basket cannot earn under any more (rule 3).
+            // way that this basket cannot earn under any more, or the receipt has grown too
+            // old in the meantime (rule 3).
             Err(refused) => {
                 return match store::find(&mut conn, merchant, &purchase.purchase_id).await? {
                     Some(stored) => {

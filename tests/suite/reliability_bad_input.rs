@@ -214,8 +214,7 @@ fn program() -> impl Strategy<Value = Option<pb::Program>> {
                     minimum_purchase_minor,
                     category_multipliers,
                     promotions,
-                    version: 0,
-                    updated_at: None,
+                    ..Default::default()
                 },
             ),
     )

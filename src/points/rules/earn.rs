@@ -6,6 +6,8 @@
 //! Everything is exact integer arithmetic in 128 bits and rounds down once, per purchase, so
 //! splitting a basket into more lines never loses points to rounding.
 
+use chrono::{DateTime, Utc};
+
 use crate::platform::validation::Invalid;
 use crate::points::rules::purchase::Basket;
 use crate::programs::rules::{BASE_MULTIPLIER_BP, ProgramRules, Promotion};
@@ -25,7 +27,14 @@ pub struct Earn {
     pub applied_promotion_ids: Vec<String>,
 }
 
+/// What the basket earns under the rules of its own date.
 pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
+    earn_at(rules, basket, basket.occurred_at)
+}
+
+/// What the basket earns with the promotions of `at` (the program's receipt age rule may move
+/// an old receipt to the rules of today: `ReceiptAge::earning_instant`).
+pub fn earn_at(rules: &ProgramRules, basket: &Basket, at: DateTime<Utc>) -> Result<Earn, Invalid> {
     if basket.currency != rules.currency {
         return Err(Invalid::field(
             "currency",
@@ -43,7 +52,7 @@ pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
     let mut applied = vec![false; rules.promotions.len()];
     let mut weighted: i128 = 0; // minor units × bp × bp
     let mut add = |category: &str, amount_minor: i64| {
-        let best = best_promotion(&rules.promotions, category, basket);
+        let best = best_promotion(&rules.promotions, category, at);
         let promotion_bp = match best {
             Some(index) => {
                 applied[index] = true;
@@ -93,10 +102,10 @@ pub fn earn(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
 
 /// The promotion with the highest multiplier among those matching the line; on a tie the one
 /// listed first. Promotions never stack.
-fn best_promotion(promotions: &[Promotion], category: &str, basket: &Basket) -> Option<usize> {
+fn best_promotion(promotions: &[Promotion], category: &str, at: DateTime<Utc>) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (index, promotion) in promotions.iter().enumerate() {
-        if promotion.matches(category, basket.occurred_at)
+        if promotion.matches(category, at)
             && best.is_none_or(|b| promotion.multiplier_bp > promotions[b].multiplier_bp)
         {
             best = Some(index);
@@ -111,7 +120,7 @@ mod tests {
     use crate::platform::money::{Currency, MAX_AMOUNT_MINOR};
     use crate::points::rules::purchase::Line;
     use crate::programs::rules::{EarnRate, MAX_MULTIPLIER_BP};
-    use chrono::{DateTime, TimeZone, Utc};
+    use chrono::TimeZone;
 
     fn eur() -> Currency {
         Currency::parse("currency", "EUR").unwrap()
