@@ -143,6 +143,7 @@ impl Application {
         let authenticator = Arc::new(Authenticator::new(
             store.clone(),
             metrics.clone(),
+            clock.clone(),
             config.key_cache_ttl,
             config.rate_limit,
             config.failed_auth_limit,

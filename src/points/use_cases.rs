@@ -155,6 +155,7 @@ impl Points {
         external_id: &str,
         min_version: i64,
     ) -> Result<AccountState, Error> {
+        caller.may_read(external_id)?;
         let cache = self.publisher.cache();
         if let CacheRead::Hit(state) = cache.get(caller.merchant, external_id).await
             && state.version >= min_version
@@ -176,6 +177,7 @@ impl Points {
         external_id: &str,
         page: PageRequest,
     ) -> Result<LedgerPage, Error> {
+        caller.may_read(external_id)?;
         let mut conn = self.store.acquire().await?;
         let customer_id = store::customer_id(&mut conn, caller.merchant, external_id)
             .await?

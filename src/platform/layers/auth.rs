@@ -15,7 +15,7 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
 use crate::error::Error;
-use crate::platform::caller::Caller;
+use crate::platform::caller::{Caller, Scope};
 use crate::platform::service::{Access, route_of};
 
 /// What the layer asks of whoever knows the keys (`access::Authenticator`).
@@ -110,10 +110,10 @@ where
             let checked = async {
                 let caller = authenticator.authenticate(header, peer).await?;
                 if !scopes.contains(&caller.scope) {
-                    return Err(Error::PermissionDenied(format!(
-                        "an API key with scope {} cannot call this method",
-                        caller.scope
-                    )));
+                    return Err(Error::PermissionDenied(match caller.scope {
+                        Scope::Customer => "a customer token cannot call this method".to_string(),
+                        scope => format!("an API key with scope {scope} cannot call this method"),
+                    }));
                 }
                 authenticator.check_rate(&caller)?;
                 Ok(caller)
