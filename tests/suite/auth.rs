@@ -417,6 +417,17 @@ async fn a_flood_of_bogus_keys_costs_a_bounded_number_of_lookups() {
         "{failed} lookups for 300 bogus keys (budget {BUDGET} + {refills} refills)"
     );
     assert!(exhausted >= 250, "only {exhausted} refused for the budget");
+    common::report(
+        "9-failed-auth-flood",
+        serde_json::json!({
+            "bogus_keys": 300,
+            "lookups": failed,
+            "budget": BUDGET,
+            "refused_without_lookup": exhausted,
+            "real_key_calls_failed": 0,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
 
     // After its cache entry expired, the real key is looked up again even though this address
     // has no budget left: it was verified before, so its lookup is not charged.
