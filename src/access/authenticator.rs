@@ -189,16 +189,20 @@ impl Authenticator {
                 true
             }
         };
-        let mut conn = self.store.acquire().await?;
-        let found = look_up(&mut conn).await?;
-        drop(conn);
+        let found = match self.store.acquire().await {
+            Ok(mut conn) => look_up(&mut conn).await,
+            Err(error) => Err(error),
+        };
+        // Only a lookup that found nothing counts against the peer; one that found a
+        // credential, or could not ask (PostgreSQL down), is given back.
+        if charged && !matches!(found, Ok(None)) {
+            self.failures.give_back(peer, now);
+        }
+        let found = found?;
         self.metrics.credential_lookup(match found {
             Some(_) => "found",
             None => "unknown",
         });
-        if charged && found.is_some() {
-            self.failures.give_back(peer, now);
-        }
         // Stamped with the time the lookup started, so a slow lookup cannot stretch the window
         // in which a revoked key still works.
         cache
