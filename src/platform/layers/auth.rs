@@ -102,11 +102,7 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let peer = request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(TcpConnectInfo::remote_addr)
-                .map(|addr| addr.ip());
+            let peer = peer_ip(&request);
             let checked = async {
                 let caller = authenticator.authenticate(header, peer).await?;
                 if !scopes.contains(&caller.scope) {
@@ -130,5 +126,40 @@ where
                 Err(error) => Ok(Status::from(error).into_http()),
             }
         })
+    }
+}
+
+/// The remote address of the connection the request came on, if it has one. Plain TCP is read
+/// directly; anything else (TLS wraps the TCP info in its own type, present only when a TLS
+/// feature of tonic is on) goes through tonic's own `remote_addr`, which knows every kind.
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    let tcp = request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr);
+    tcp.or_else(|| {
+        tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::new(),
+            request.extensions().clone(),
+            (),
+        )
+        .remote_addr()
+    })
+    .map(|addr| addr.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_is_the_remote_address_of_the_connection() {
+        let mut request = http::Request::new(());
+        assert_eq!(peer_ip(&request), None);
+        request.extensions_mut().insert(TcpConnectInfo {
+            local_addr: Some("127.0.0.1:50051".parse().unwrap()),
+            remote_addr: Some("203.0.113.9:40000".parse().unwrap()),
+        });
+        assert_eq!(peer_ip(&request), Some("203.0.113.9".parse().unwrap()));
     }
 }
