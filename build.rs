@@ -10,9 +10,13 @@ const PROTOS: &[&str] = &[
     "proto/loyalty/v1/program.proto",
 ];
 
-/// Messages that carry personal contact data get a hand-written, redacting `Debug`
-/// (see `src/pb.rs`) so that they can never be logged by accident.
-const CONTACT_DATA_MESSAGES: &[&str] = &["loyalty.v1.Customer", "loyalty.v1.EnrollCustomerRequest"];
+/// Messages that carry personal contact data or a credential get a hand-written, redacting
+/// `Debug` (see `src/pb.rs`) so that they can never be logged by accident.
+const CONTACT_DATA_MESSAGES: &[&str] = &[
+    "loyalty.v1.Customer",
+    "loyalty.v1.EnrollCustomerRequest",
+    "loyalty.v1.IssueCustomerTokenResponse",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

@@ -150,8 +150,11 @@ impl Application {
         let cache = Cache::new(config.cache.clone(), metrics.clone())?;
         let authenticator = Arc::new(Authenticator::new(
             store.clone(),
+            metrics.clone(),
+            clock.clone(),
             config.key_cache_ttl,
             config.rate_limit,
+            config.failed_auth_limit,
         ));
         let parts = Parts {
             publisher: Publisher::new(store.clone(), cache),

@@ -263,6 +263,16 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_RATE_LIMIT_BURST", default_value_t = 4000)]
     pub rate_limit_burst: u32,
 
+    /// Lookups of unknown API keys allowed per second from one peer address (per server);
+    /// beyond it, keys the server has not verified before are refused from that address
+    /// without a lookup. Keys already verified keep working.
+    #[arg(long, env = "LOYALTY_FAILED_AUTH_RPS", default_value_t = 5)]
+    pub failed_auth_rps: u32,
+
+    /// Burst size of the per-peer budget of failed key lookups.
+    #[arg(long, env = "LOYALTY_FAILED_AUTH_BURST", default_value_t = 50)]
+    pub failed_auth_burst: u32,
+
     /// Requests handled at once; beyond it requests wait up to the queue timeout, then are shed.
     #[arg(long, env = "LOYALTY_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
@@ -329,6 +339,8 @@ pub struct ServerConfig {
     pub cache: CacheConfig,
     pub key_cache_ttl: Duration,
     pub rate_limit: Option<RateLimit>,
+    /// Per peer address: lookups of keys that turn out unknown.
+    pub failed_auth_limit: RateLimit,
     pub max_in_flight: usize,
     pub max_streams: usize,
     pub max_public_in_flight: usize,
@@ -447,6 +459,20 @@ impl ServeArgs {
                 3_600_000,
             )?,
             rate_limit,
+            failed_auth_limit: RateLimit {
+                per_second: within(
+                    "LOYALTY_FAILED_AUTH_RPS",
+                    self.failed_auth_rps,
+                    1,
+                    1_000_000,
+                )?,
+                burst: within(
+                    "LOYALTY_FAILED_AUTH_BURST",
+                    self.failed_auth_burst,
+                    1,
+                    10_000_000,
+                )?,
+            },
             max_in_flight: within("LOYALTY_MAX_IN_FLIGHT", self.max_in_flight, 1, 1_000_000)?,
             max_streams: within("LOYALTY_MAX_STREAMS", self.max_streams, 1, 1_000_000)?,
             max_public_in_flight: within(

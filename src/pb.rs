@@ -1,5 +1,5 @@
 //! Code generated from `proto/loyalty/v1/*.proto`, plus the redacting `Debug` impls of the
-//! messages that carry personal contact data (their derived `Debug` is switched off in
+//! messages that carry personal contact data or a credential (their derived `Debug` is switched off in
 //! `build.rs`, so an accidental `{:?}` can never put an e-mail or phone number into a log).
 
 use std::fmt;
@@ -43,6 +43,15 @@ impl fmt::Debug for EnrollCustomerRequest {
             .field("email", &redacted(&self.email))
             .field("phone", &redacted(&self.phone))
             .field("marketing_consent", &self.marketing_consent)
+            .finish()
+    }
+}
+
+impl fmt::Debug for IssueCustomerTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueCustomerTokenResponse")
+            .field("token", &redacted(&self.token))
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }

@@ -11,6 +11,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 const KEY_PREFIX: &str = "lk_";
+/// 32 bytes in unpadded base64url.
+const KEY_SECRET_CHARS: usize = 43;
 
 /// A key in clear text. Exists only between generation and printing, or while a request is
 /// being authenticated. `Debug` never shows it.
@@ -26,6 +28,17 @@ impl SecretKey {
 
     pub fn from_header(value: &str) -> SecretKey {
         SecretKey(value.to_string())
+    }
+
+    /// Whether `value` has the shape of a key we issue (`lk_` and 43 base64url characters).
+    /// Anything else cannot be a key, and is refused without asking the database.
+    pub fn is_well_formed(value: &str) -> bool {
+        value.strip_prefix(KEY_PREFIX).is_some_and(|secret| {
+            secret.len() == KEY_SECRET_CHARS
+                && secret
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
     }
 
     pub fn expose(&self) -> &str {
@@ -67,5 +80,26 @@ mod tests {
         assert_eq!(a.hash(), SecretKey::from_header(a.expose()).hash());
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.display_prefix().len(), 9);
+    }
+
+    #[test]
+    fn only_keys_of_our_shape_are_well_formed() {
+        let key = SecretKey::generate();
+        assert!(SecretKey::is_well_formed(key.expose()));
+        let secret = &key.expose()[3..];
+        for bad in [
+            String::new(),
+            "lk_".to_string(),
+            "lk_not-a-real-key".to_string(),
+            secret.to_string(),
+            format!("xx_{secret}"),
+            format!("lk_{secret}A"),
+            format!("lk_{}", &secret[1..]),
+            format!("lk_{}+", &secret[1..]),
+            format!("lk_{}=", &secret[1..]),
+            format!("lk_{}é", &secret[2..]),
+        ] {
+            assert!(!SecretKey::is_well_formed(&bad), "{bad}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 use sqlx::PgConnection;
 
 use crate::access::rules::KeyHash;
+use crate::access::tokens::SigningSecret;
 use crate::error::Error;
 use crate::platform::caller::{MerchantId, Scope};
 use crate::platform::store::db_error;
@@ -13,6 +14,15 @@ pub struct KeyRecord {
     pub key_id: i64,
     pub merchant: MerchantId,
     pub scope: Scope,
+}
+
+/// A key as the verification of its customer tokens needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignerRecord {
+    pub merchant: MerchantId,
+    pub scope: Scope,
+    /// `None` while the key has never minted a token.
+    pub secret: Option<SigningSecret>,
 }
 
 /// Inserts a merchant; its program and first key are the caller's next statements.
@@ -86,4 +96,79 @@ pub async fn find_key(conn: &mut PgConnection, hash: KeyHash) -> Result<Option<K
         })
     })
     .transpose()
+}
+
+/// The live key `key_id` and its token signing secret.
+pub async fn find_signer(
+    conn: &mut PgConnection,
+    key_id: i64,
+) -> Result<Option<SignerRecord>, Error> {
+    let row: Option<(i64, String, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT merchant_id, scope, token_secret FROM api_keys
+          WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(key_id)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_error)?;
+    row.map(|(merchant, scope, secret)| {
+        let scope = Scope::parse(&scope)
+            .ok_or_else(|| Error::internal(format!("stored scope {scope:?} is invalid")))?;
+        let secret = secret
+            .map(|bytes| {
+                SigningSecret::from_stored(&bytes)
+                    .ok_or_else(|| Error::internal("a stored token secret is not 32 bytes"))
+            })
+            .transpose()?;
+        Ok(SignerRecord {
+            merchant: MerchantId(merchant),
+            scope,
+            secret,
+        })
+    })
+    .transpose()
+}
+
+/// The token signing secret of the live key `key_id` of `merchant`: the stored one, or
+/// `fresh` stored now if the key has none yet. `None` if the key is gone or revoked.
+///
+/// Read first, so that minting (frequent) does not write the key's row; only a key's first
+/// mint writes, and concurrent first mints agree on the secret written first (the UPDATE of
+/// the second re-reads the row once the first commits).
+pub async fn signing_secret(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    key_id: i64,
+    fresh: SigningSecret,
+) -> Result<Option<SigningSecret>, Error> {
+    let current: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+        "SELECT token_secret FROM api_keys
+          WHERE merchant_id = $1 AND id = $2 AND revoked_at IS NULL",
+    )
+    .bind(merchant.0)
+    .bind(key_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let stored = match current {
+        None => return Ok(None),
+        Some(Some(stored)) => Some(stored),
+        Some(None) => sqlx::query_scalar(
+            "UPDATE api_keys SET token_secret = COALESCE(token_secret, $3)
+              WHERE merchant_id = $1 AND id = $2 AND revoked_at IS NULL
+          RETURNING token_secret",
+        )
+        .bind(merchant.0)
+        .bind(key_id)
+        .bind(&fresh.0[..])
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_error)?,
+    };
+    stored
+        .map(|bytes| {
+            SigningSecret::from_stored(&bytes)
+                .ok_or_else(|| Error::internal("a stored token secret is not 32 bytes"))
+        })
+        .transpose()
 }

@@ -1,11 +1,17 @@
 //! Operator use cases behind the command line: merchants and API keys. Each change and its
 //! audit record commit together.
 
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
 use crate::access::rules::SecretKey;
 use crate::access::store;
+use crate::access::tokens::{Claims, SigningSecret};
 use crate::error::Error;
 use crate::platform::audit;
-use crate::platform::caller::{MerchantId, Scope};
+use crate::platform::caller::{Caller, MerchantId, Scope};
 use crate::platform::money::Currency;
 use crate::platform::store::{Store, commit};
 use crate::platform::validation::{self, Violations};
@@ -120,4 +126,61 @@ pub async fn revoke_key(store: &Store, key_id: i64) -> Result<MerchantId, Error>
     commit(tx).await?;
     tracing::info!(%merchant, key_id, "api key revoked");
     Ok(merchant)
+}
+
+/// A customer token just minted. `Debug` never shows the token.
+pub struct CustomerToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for CustomerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomerToken")
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Mints a token that reads only `external_id` of the caller's merchant until `now + ttl`,
+/// signed with the caller's key (its secret created on the key's first mint). Revoking the
+/// key revokes the token. Nothing is written but that secret; the customer need not exist
+/// yet (its reads then answer NOT_FOUND, for that customer only).
+pub async fn issue_customer_token(
+    store: &Store,
+    caller: &Caller,
+    external_id: &str,
+    ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<CustomerToken, Error> {
+    if caller.customer.is_some() {
+        return Err(Error::PermissionDenied(
+            "a customer token cannot mint tokens".to_string(),
+        ));
+    }
+    let expires_at = i64::try_from(ttl.as_secs())
+        .ok()
+        .and_then(|ttl| DateTime::from_timestamp(now.timestamp().checked_add(ttl)?, 0))
+        .ok_or_else(|| Error::invalid("ttl_seconds", "is out of range"))?;
+    let mut conn = store.acquire().await?;
+    let secret = store::signing_secret(
+        &mut conn,
+        caller.merchant,
+        caller.key_id,
+        SigningSecret::generate(),
+    )
+    .await?
+    .ok_or(Error::Unauthenticated("unknown or revoked API key"))?;
+    drop(conn);
+    let claims = Claims {
+        merchant: caller.merchant,
+        key_id: caller.key_id,
+        external_id: external_id.to_string(),
+        expires_at,
+    };
+    Ok(CustomerToken {
+        token: claims.sign(&secret),
+        expires_at,
+    })
 }

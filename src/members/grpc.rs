@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::access::tokens;
 use crate::error::Error;
 use crate::members::Members;
 use crate::members::rules::{BirthdayInput, Customer, Enrollment, EnrollmentInput};
@@ -88,6 +89,28 @@ impl MemberService for MemberApi {
             .list_ledger(&caller, &r.external_id, page)
             .await?;
         Ok(Response::new(points::ledger_page_message(page)))
+    }
+
+    async fn issue_customer_token(
+        &self,
+        request: Request<pb::IssueCustomerTokenRequest>,
+    ) -> Result<Response<pb::IssueCustomerTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut violations = validation::Violations::default();
+        violations.check(validation::identifier("external_id", &r.external_id));
+        let ttl = violations.check(tokens::ttl("ttl_seconds", r.ttl_seconds));
+        let Some(ttl) = ttl.filter(|_| violations.is_empty()) else {
+            return Err(violations.into_error().into());
+        };
+        let issued = self
+            .members
+            .issue_customer_token(&caller, &r.external_id, ttl)
+            .await?;
+        Ok(Response::new(pb::IssueCustomerTokenResponse {
+            token: issued.token,
+            expires_at: Some(timestamp(issued.expires_at)),
+        }))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Members: enrolment and profiles (`MemberService`). Its balance and ledger reads are the
-//! points feature's use cases, answered here because apps find them on this service.
+//! points feature's use cases, answered here because apps find them on this service, and so is
+//! the minting of customer tokens (an access use case) for the apps of those customers.
 
 mod grpc;
 pub mod rules;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use crate::pb::member_service_server::{MemberServiceServer, SERVICE_NAME};
 use crate::platform::Parts;
 use crate::platform::clock::Clock;
-use crate::platform::service::{Declaration, Method, POS, READ, Service};
+use crate::platform::service::{CUSTOMER_READ, Declaration, Method, POS, READ, Service};
 use crate::platform::store::Store;
 use crate::points::Points;
 use crate::programs::ProgramCache;
@@ -20,9 +21,11 @@ pub const DECLARATION: Declaration = Declaration {
     name: SERVICE_NAME,
     methods: &[
         Method::unary("EnrollCustomer", POS),
-        Method::unary("GetCustomer", READ),
-        Method::unary("GetBalance", READ),
-        Method::unary("ListLedger", READ),
+        Method::unary("GetCustomer", CUSTOMER_READ),
+        Method::unary("GetBalance", CUSTOMER_READ),
+        Method::unary("ListLedger", CUSTOMER_READ),
+        // App backends (and tills) mint tokens for their signed-in customers.
+        Method::unary("IssueCustomerToken", READ),
     ],
 };
 

@@ -2,6 +2,9 @@
 //! [`Caller`] from the authentication layer; every query is filtered by its merchant.
 
 use std::fmt;
+use std::sync::Arc;
+
+use crate::error::Error;
 
 /// Identifies a tenant. Every query is filtered by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -13,18 +16,47 @@ impl fmt::Display for MerchantId {
     }
 }
 
-/// Who is calling: resolved from the API key by `access::Authenticator`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who is calling: resolved from the API key (or customer token) by `access::Authenticator`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub merchant: MerchantId,
+    /// The API key, or for a customer token the key that minted it.
     pub key_id: i64,
     pub scope: Scope,
+    /// The one customer (external_id) a customer token may read; `None` for API keys.
+    pub customer: Option<Arc<str>>,
 }
 
 impl Caller {
+    /// A caller with an API key.
+    pub fn with_key(merchant: MerchantId, key_id: i64, scope: Scope) -> Caller {
+        Caller {
+            merchant,
+            key_id,
+            scope,
+            customer: None,
+        }
+    }
+
     /// How the audit log names this caller.
     pub fn actor(&self) -> String {
-        format!("key:{}", self.key_id)
+        match &self.customer {
+            None => format!("key:{}", self.key_id),
+            Some(_) => format!("customer-token-of-key:{}", self.key_id),
+        }
+    }
+
+    /// Whether the caller may read this customer of its merchant: an API key reads every
+    /// customer of its merchant, a customer token only its own. Every use case that reads a
+    /// customer asks this first, before anything is looked up, so a token learns nothing of
+    /// other customers (not even whether they exist).
+    pub fn may_read(&self, external_id: &str) -> Result<(), Error> {
+        match &self.customer {
+            Some(own) if **own != *external_id => Err(Error::PermissionDenied(
+                "a customer token reads only the customer it was issued for".to_string(),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -39,9 +71,13 @@ pub enum Scope {
     Scheduler,
     /// Everything, including ProgramService.
     Admin,
+    /// A customer token (minted by an app, pos or admin key): the balance, profile and ledger
+    /// of one customer. Never the scope of an API key.
+    Customer,
 }
 
 impl Scope {
+    /// The scopes an API key may have.
     pub const ALL: [Scope; 4] = [Scope::Pos, Scope::App, Scope::Scheduler, Scope::Admin];
 
     pub fn as_str(self) -> &'static str {
@@ -50,9 +86,11 @@ impl Scope {
             Scope::App => "app",
             Scope::Scheduler => "scheduler",
             Scope::Admin => "admin",
+            Scope::Customer => "customer",
         }
     }
 
+    /// The scope of an API key by its name (never [`Scope::Customer`]).
     pub fn parse(value: &str) -> Option<Scope> {
         Scope::ALL.into_iter().find(|s| s.as_str() == value)
     }
@@ -74,5 +112,27 @@ mod tests {
             assert_eq!(Scope::parse(scope.as_str()), Some(scope));
         }
         assert_eq!(Scope::parse("root"), None);
+        assert_eq!(Scope::parse("customer"), None);
+    }
+
+    #[test]
+    fn a_customer_token_reads_only_its_customer() {
+        let key = Caller::with_key(MerchantId(1), 2, Scope::App);
+        assert!(key.may_read("card-1").is_ok());
+        assert!(key.may_read("card-2").is_ok());
+        let token = Caller {
+            scope: Scope::Customer,
+            customer: Some("card-1".into()),
+            ..key
+        };
+        assert!(token.may_read("card-1").is_ok());
+        assert!(matches!(
+            token.may_read("card-2"),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            token.may_read("card-1 "),
+            Err(Error::PermissionDenied(_))
+        ));
     }
 }

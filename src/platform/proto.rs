@@ -13,7 +13,7 @@ pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     request
         .extensions()
         .get::<Caller>()
-        .copied()
+        .cloned()
         .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <api key>"))
 }
 

@@ -26,15 +26,26 @@ impl TokenBucket {
     /// Takes one token, or says how long until one is available.
     pub fn try_take(&mut self, limit: RateLimit, now: Instant) -> Result<(), Duration> {
         let rate = f64::from(limit.per_second.max(1));
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(limit.burst.max(1)));
-        self.last = now;
+        self.refill(limit, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
         }
+    }
+
+    /// Returns a token taken for something that turned out not to count.
+    pub fn give_back(&mut self, limit: RateLimit, now: Instant) {
+        self.refill(limit, now);
+        self.tokens = (self.tokens + 1.0).min(f64::from(limit.burst.max(1)));
+    }
+
+    fn refill(&mut self, limit: RateLimit, now: Instant) {
+        let rate = f64::from(limit.per_second.max(1));
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(limit.burst.max(1)));
+        self.last = now;
     }
 }
 

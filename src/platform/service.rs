@@ -19,6 +19,10 @@ use crate::platform::caller::Scope;
 pub const POS: Access = Access::Scopes(&[Scope::Pos, Scope::Admin]);
 /// Anything with a key: apps, tills, admins (not schedulers).
 pub const READ: Access = Access::Scopes(&[Scope::App, Scope::Pos, Scope::Admin]);
+/// Reads of one customer: every key that reads, and customer tokens (for their own customer
+/// only: the use case checks `Caller::may_read`).
+pub const CUSTOMER_READ: Access =
+    Access::Scopes(&[Scope::App, Scope::Pos, Scope::Admin, Scope::Customer]);
 /// Internal schedulers (and admins).
 pub const SCHEDULER: Access = Access::Scopes(&[Scope::Scheduler, Scope::Admin]);
 /// Admins only.

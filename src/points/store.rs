@@ -161,7 +161,8 @@ pub async fn enroll_on_purchase(
         .ok_or_else(|| Error::internal("a customer enrolled concurrently cannot be found"))
 }
 
-/// Up to `page.size + 1` entries older than the page's cursor (the extra one tells the caller
+/// Up to `page.size + 1` entries older than the page's cursor (by the customer's own entry
+/// sequence, never the table-wide id) (the extra one tells the caller
 /// whether another page follows).
 pub async fn ledger_page(
     conn: &mut PgConnection,
@@ -171,7 +172,7 @@ pub async fn ledger_page(
 ) -> Result<Vec<LedgerEntry>, Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
-        id: i64,
+        seq: i64,
         kind: String,
         points: i64,
         reference: String,
@@ -179,10 +180,10 @@ pub async fn ledger_page(
         created_at: DateTime<Utc>,
     }
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, kind, points, reference, occurred_at, created_at
+        "SELECT seq, kind, points, reference, occurred_at, created_at
            FROM ledger_entries
-          WHERE merchant_id = $1 AND customer_id = $2 AND ($3::bigint IS NULL OR id < $3)
-          ORDER BY id DESC
+          WHERE merchant_id = $1 AND customer_id = $2 AND ($3::bigint IS NULL OR seq < $3)
+          ORDER BY seq DESC
           LIMIT $4",
     )
     .bind(merchant.0)
@@ -198,7 +199,7 @@ pub async fn ledger_page(
                 Error::internal(format!("unknown ledger entry kind {:?}", row.kind))
             })?;
             Ok(LedgerEntry {
-                entry_id: row.id,
+                entry_id: row.seq,
                 kind,
                 points: row.points,
                 reference: row.reference,

@@ -1,6 +1,7 @@
 //! The use cases of points: quoting a basket, recording a purchase, reading a balance and
 //! paging the ledger.
 
+use chrono::{DateTime, Utc};
 use sqlx::Connection;
 
 use crate::error::Error;
@@ -37,7 +38,11 @@ impl Points {
             .programs
             .get(&mut conn, caller.merchant, version)
             .await?;
-        self.earn_off_workers(caller.merchant, program, &quote.basket)
+        let at = program
+            .rules
+            .receipt_age
+            .earning_instant(quote.basket.occurred_at, self.clock.now())?;
+        self.earn_off_workers(caller.merchant, program, &quote.basket, at)
             .await
     }
 
@@ -53,7 +58,7 @@ impl Points {
         purchase: Purchase,
     ) -> Result<PurchaseReceipt, Error> {
         let points = self.clone();
-        let caller = *caller;
+        let caller = caller.clone();
         detach(async move { points.record_purchase_attached(&caller, &purchase).await }).await
     }
 
@@ -72,13 +77,20 @@ impl Points {
             .programs
             .get(&mut conn, merchant, program_version)
             .await?;
-        let earned = match self
-            .earn_off_workers(merchant, program, &purchase.basket)
-            .await
-        {
+        let basket = &purchase.basket;
+        let at = program
+            .rules
+            .receipt_age
+            .earning_instant(basket.occurred_at, self.clock.now());
+        let earned = match at {
+            Ok(at) => self.earn_off_workers(merchant, program, basket, at).await,
+            Err(refused) => Err(refused.into()),
+        };
+        let earned = match earned {
             Ok(earned) => earned,
             // A retry gets its original answer even if the program has changed since in a
-            // way that this basket cannot earn under any more (rule 3).
+            // way that this basket cannot earn under any more, or the receipt has grown too
+            // old in the meantime (rule 3).
             Err(refused) => {
                 return match store::find(&mut conn, merchant, &purchase.purchase_id).await? {
                     Some(stored) => {
@@ -162,6 +174,7 @@ impl Points {
         external_id: &str,
         min_version: i64,
     ) -> Result<AccountState, Error> {
+        caller.may_read(external_id)?;
         let cache = self.publisher.cache();
         if let CacheRead::Hit(state) = cache.get(caller.merchant, external_id).await
             && state.version >= min_version
@@ -193,6 +206,7 @@ impl Points {
         external_id: &str,
         page: PageRequest,
     ) -> Result<LedgerPage, Error> {
+        caller.may_read(external_id)?;
         let mut conn = self.store.acquire().await?;
         let customer_id = store::customer_id(&mut conn, caller.merchant, external_id)
             .await?
@@ -227,9 +241,10 @@ impl Points {
         merchant: MerchantId,
         program: Arc<Program>,
         basket: &Basket,
+        at: DateTime<Utc>,
     ) -> Result<Earn, Error> {
         if basket.lines.len() <= EARN_INLINE_LINES {
-            return Ok(earn::earn(&program, basket)?);
+            return Ok(earn::earn_at(&program, basket, at)?);
         }
         let turn = self
             .large_baskets
@@ -239,7 +254,7 @@ impl Points {
             .map_err(|_| Error::internal("the large-basket turns were closed"))?;
         let basket = basket.clone();
         let earning = tokio::task::spawn_blocking(move || {
-            let earned = earn::earn(&program, &basket);
+            let earned = earn::earn_at(&program, &basket, at);
             drop(turn);
             earned
         });

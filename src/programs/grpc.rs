@@ -7,7 +7,8 @@ use crate::pb::{self, program_service_server::ProgramService};
 use crate::platform::proto::{caller, optional_datetime, timestamp};
 use crate::programs::Programs;
 use crate::programs::rules::{
-    CategoryMultiplierInput, EarnRate, Program, ProgramInput, ProgramRules, PromotionInput,
+    CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput, ProgramRules,
+    PromotionInput,
 };
 
 pub struct ProgramApi {
@@ -65,7 +66,20 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
             categories: p.categories,
         });
     }
+    let old_receipts = match pb::OldReceiptPolicy::try_from(program.old_receipts) {
+        Ok(pb::OldReceiptPolicy::Unspecified) => None,
+        Ok(pb::OldReceiptPolicy::Refuse) => Some(OldReceipts::Refuse),
+        Ok(pb::OldReceiptPolicy::EarnAtTodaysRules) => Some(OldReceipts::EarnAtToday),
+        Err(_) => {
+            return Err(Error::invalid(
+                "program.old_receipts",
+                "is not a known OldReceiptPolicy",
+            ));
+        }
+    };
     Ok(ProgramInput {
+        max_receipt_age_days: program.max_receipt_age_days,
+        old_receipts,
         currency: program.currency,
         earn_rate: program.earn_rate.map(|r| EarnRate {
             points: r.points,
@@ -112,6 +126,11 @@ fn program_message(program: Program) -> pb::Program {
                 categories: p.categories,
             })
             .collect(),
+        max_receipt_age_days: rules.receipt_age.max_days,
+        old_receipts: match rules.receipt_age.older {
+            OldReceipts::Refuse => pb::OldReceiptPolicy::Refuse,
+            OldReceipts::EarnAtToday => pb::OldReceiptPolicy::EarnAtTodaysRules,
+        } as i32,
         version: program.version,
         updated_at: Some(timestamp(program.updated_at)),
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::platform::money::{self, Currency};
@@ -22,6 +22,78 @@ pub const MAX_PROMOTIONS: usize = 100;
 /// 100 promotions naming 1,000 categories each was 0.7 MB) and the work of indexing it.
 pub const MAX_PROMOTION_CATEGORIES: usize = 10_000;
 pub const MAX_CATEGORY_CHARS: usize = 64;
+/// How far back a receipt may be dated unless the program says otherwise.
+pub const DEFAULT_MAX_RECEIPT_AGE_DAYS: u32 = 30;
+/// Ten years: the most a program may allow.
+pub const MAX_RECEIPT_AGE_DAYS: u32 = 3_650;
+
+/// What a purchase dated further back than the program allows gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldReceipts {
+    /// Refused (INVALID_ARGUMENT on `occurred_at`), nothing written. The default.
+    Refuse,
+    /// Earns under the rules of the moment it is recorded: promotions are matched against
+    /// now, not against the receipt's date.
+    EarnAtToday,
+}
+
+impl OldReceipts {
+    /// The name stored in `programs.old_receipts`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OldReceipts::Refuse => "refuse",
+            OldReceipts::EarnAtToday => "earn_at_today",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<OldReceipts> {
+        [OldReceipts::Refuse, OldReceipts::EarnAtToday]
+            .into_iter()
+            .find(|o| o.as_str() == value)
+    }
+}
+
+/// How far back a receipt may be dated, and what happens to older ones. Without it a till
+/// could date a receipt into the best promotion of any past day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptAge {
+    pub max_days: u32,
+    pub older: OldReceipts,
+}
+
+impl Default for ReceiptAge {
+    fn default() -> Self {
+        ReceiptAge {
+            max_days: DEFAULT_MAX_RECEIPT_AGE_DAYS,
+            older: OldReceipts::Refuse,
+        }
+    }
+}
+
+impl ReceiptAge {
+    /// The instant whose rules (promotions) a receipt dated `occurred_at` earns under when it
+    /// is recorded at `now`: its own date if recent enough, otherwise `now` or a refusal, as
+    /// the program says.
+    pub fn earning_instant(
+        &self,
+        occurred_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, Invalid> {
+        if now - occurred_at <= Duration::days(i64::from(self.max_days)) {
+            return Ok(occurred_at);
+        }
+        match self.older {
+            OldReceipts::EarnAtToday => Ok(now),
+            OldReceipts::Refuse => Err(Invalid::field(
+                "occurred_at",
+                format!(
+                    "is more than {} days ago, the oldest receipt the program accepts",
+                    self.max_days
+                ),
+            )),
+        }
+    }
+}
 
 /// `points` points for every `currency_units` whole units of currency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +168,7 @@ pub struct ProgramRules {
     pub minimum_purchase_minor: i64,
     pub category_multipliers: BTreeMap<String, u32>,
     pub promotions: Vec<Promotion>,
+    pub receipt_age: ReceiptAge,
 }
 
 impl ProgramRules {
@@ -110,6 +183,7 @@ impl ProgramRules {
             minimum_purchase_minor: 0,
             category_multipliers: BTreeMap::new(),
             promotions: Vec::new(),
+            receipt_age: ReceiptAge::default(),
         }
     }
 
@@ -157,6 +231,10 @@ pub struct ProgramInput {
     pub minimum_purchase_minor: i64,
     pub category_multipliers: Vec<CategoryMultiplierInput>,
     pub promotions: Vec<PromotionInput>,
+    /// 0 means the default ([`DEFAULT_MAX_RECEIPT_AGE_DAYS`]).
+    pub max_receipt_age_days: u32,
+    /// `None` means the default (refuse).
+    pub old_receipts: Option<OldReceipts>,
 }
 
 impl ProgramRules {
@@ -308,6 +386,21 @@ impl ProgramRules {
             }
         }
 
+        let max_days = match input.max_receipt_age_days {
+            0 => DEFAULT_MAX_RECEIPT_AGE_DAYS,
+            days => days,
+        };
+        if max_days > MAX_RECEIPT_AGE_DAYS {
+            v.add(
+                "program.max_receipt_age_days",
+                format!("must be at most {MAX_RECEIPT_AGE_DAYS}"),
+            );
+        }
+        let receipt_age = ReceiptAge {
+            max_days,
+            older: input.old_receipts.unwrap_or(OldReceipts::Refuse),
+        };
+
         match (currency, earn_rate, minimum) {
             (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
                 Ok(ProgramRules {
@@ -316,6 +409,7 @@ impl ProgramRules {
                     minimum_purchase_minor,
                     category_multipliers,
                     promotions,
+                    receipt_age,
                 })
             }
             _ => Err(v.into_error()),
@@ -343,6 +437,8 @@ mod tests {
             minimum_purchase_minor: 0,
             category_multipliers: vec![],
             promotions: vec![],
+            max_receipt_age_days: 0,
+            old_receipts: None,
         }
     }
 
@@ -416,6 +512,8 @@ mod tests {
                     categories: vec![],
                 },
             ],
+            max_receipt_age_days: MAX_RECEIPT_AGE_DAYS + 1,
+            old_receipts: None,
         };
         assert_eq!(
             fields(ProgramRules::parse(program)),
@@ -432,8 +530,56 @@ mod tests {
                 "program.promotions[1].id",
                 "program.promotions[1].starts_at",
                 "program.promotions[1].ends_at",
+                "program.max_receipt_age_days",
             ]
         );
+    }
+
+    #[test]
+    fn receipt_age_defaults_to_thirty_days_refused() {
+        let rules = ProgramRules::parse(input()).unwrap();
+        assert_eq!(rules.receipt_age, ReceiptAge::default());
+        assert_eq!(rules.receipt_age.max_days, 30);
+        assert_eq!(rules.receipt_age.older, OldReceipts::Refuse);
+        let mut custom = input();
+        custom.max_receipt_age_days = MAX_RECEIPT_AGE_DAYS;
+        custom.old_receipts = Some(OldReceipts::EarnAtToday);
+        let rules = ProgramRules::parse(custom).unwrap();
+        assert_eq!(
+            rules.receipt_age,
+            ReceiptAge {
+                max_days: MAX_RECEIPT_AGE_DAYS,
+                older: OldReceipts::EarnAtToday
+            }
+        );
+        for older in [OldReceipts::Refuse, OldReceipts::EarnAtToday] {
+            assert_eq!(OldReceipts::parse(older.as_str()), Some(older));
+        }
+        assert_eq!(OldReceipts::parse("ignore"), None);
+    }
+
+    #[test]
+    fn old_receipts_are_refused_or_earn_at_now() {
+        let now = at(30);
+        let refuse = ReceiptAge {
+            max_days: 10,
+            older: OldReceipts::Refuse,
+        };
+        let edge = now - Duration::days(10);
+        assert_eq!(refuse.earning_instant(edge, now), Ok(edge));
+        assert_eq!(refuse.earning_instant(now, now), Ok(now));
+        let too_old = edge - Duration::seconds(1);
+        let Err(Invalid(violations)) = refuse.earning_instant(too_old, now) else {
+            panic!("an old receipt must be refused");
+        };
+        assert_eq!(violations[0].field, "occurred_at");
+        assert!(violations[0].description.contains("10 days"));
+        let today = ReceiptAge {
+            older: OldReceipts::EarnAtToday,
+            ..refuse
+        };
+        assert_eq!(today.earning_instant(too_old, now), Ok(now));
+        assert_eq!(today.earning_instant(edge, now), Ok(edge));
     }
 
     #[test]

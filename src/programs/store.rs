@@ -11,7 +11,9 @@ use crate::error::Error;
 use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
-use crate::programs::rules::{EarnRate, Program, ProgramRules, Promotion, PromotionIndex};
+use crate::programs::rules::{
+    EarnRate, OldReceipts, Program, ProgramRules, Promotion, PromotionIndex, ReceiptAge,
+};
 
 #[derive(sqlx::FromRow)]
 struct ProgramRow {
@@ -21,6 +23,8 @@ struct ProgramRow {
     minimum_purchase_minor: i64,
     category_multipliers: Json<BTreeMap<String, u32>>,
     promotions: Json<Vec<Promotion>>,
+    max_receipt_age_days: i32,
+    old_receipts: String,
     version: i64,
     updated_at: DateTime<Utc>,
 }
@@ -31,6 +35,12 @@ impl ProgramRow {
             Error::internal(format!("stored currency {:?} is invalid", self.currency))
         })?;
         let promotion_index = PromotionIndex::new(&self.promotions.0);
+        let older = OldReceipts::parse(&self.old_receipts).ok_or_else(|| {
+            Error::internal(format!(
+                "stored old_receipts {:?} is invalid",
+                self.old_receipts
+            ))
+        })?;
         Ok(Program {
             promotion_index,
             rules: ProgramRules {
@@ -42,6 +52,10 @@ impl ProgramRow {
                 minimum_purchase_minor: self.minimum_purchase_minor,
                 category_multipliers: self.category_multipliers.0,
                 promotions: self.promotions.0,
+                receipt_age: ReceiptAge {
+                    max_days: self.max_receipt_age_days as u32,
+                    older,
+                },
             },
             version: self.version,
             updated_at: self.updated_at,
@@ -51,7 +65,8 @@ impl ProgramRow {
 
 const SELECT_PROGRAM: &str =
     "SELECT currency, earn_points, earn_currency_units, minimum_purchase_minor,
-        category_multipliers, promotions, version, updated_at
+        category_multipliers, promotions, max_receipt_age_days, old_receipts, version,
+        updated_at
    FROM programs
   WHERE merchant_id = $1";
 
@@ -80,8 +95,9 @@ pub async fn insert(
 ) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO programs (merchant_id, currency, earn_points, earn_currency_units,
-                               minimum_purchase_minor, category_multipliers, promotions)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                               minimum_purchase_minor, category_multipliers, promotions,
+                               max_receipt_age_days, old_receipts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -90,6 +106,8 @@ pub async fn insert(
     .bind(rules.minimum_purchase_minor)
     .bind(Json(&rules.category_multipliers))
     .bind(Json(&rules.promotions))
+    .bind(rules.receipt_age.max_days as i32)
+    .bind(rules.receipt_age.older.as_str())
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -127,10 +145,12 @@ pub async fn replace(
         "UPDATE programs
             SET currency = $2, earn_points = $3, earn_currency_units = $4,
                 minimum_purchase_minor = $5, category_multipliers = $6, promotions = $7,
+                max_receipt_age_days = $8, old_receipts = $9,
                 version = version + 1, updated_at = now()
           WHERE merchant_id = $1
       RETURNING currency, earn_points, earn_currency_units, minimum_purchase_minor,
-                category_multipliers, promotions, version, updated_at",
+                category_multipliers, promotions, max_receipt_age_days, old_receipts, version,
+                updated_at",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -139,6 +159,8 @@ pub async fn replace(
     .bind(rules.minimum_purchase_minor)
     .bind(Json(&rules.category_multipliers))
     .bind(Json(&rules.promotions))
+    .bind(rules.receipt_age.max_days as i32)
+    .bind(rules.receipt_age.older.as_str())
     .fetch_one(conn)
     .await
     .map_err(db_error)?;

@@ -66,6 +66,11 @@ struct CacheLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
 }
@@ -86,6 +91,7 @@ struct Inner {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
     cache_operations: Family<CacheLabels, Counter>,
+    credential_lookups: Family<AuthLabels, Counter>,
     db_connections: Family<PoolLabels, Gauge>,
     resident_memory: Gauge,
 }
@@ -118,6 +124,13 @@ impl Metrics {
             "Redis cache operations by outcome (hit, miss, stored, older, error, skipped)",
             cache_operations.clone(),
         );
+        let credential_lookups = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "credential_lookups",
+            "Postgres lookups of API keys (and of the keys that signed customer tokens), by \
+             outcome (found, unknown); a refused credential that needed no lookup is not counted",
+            credential_lookups.clone(),
+        );
         let db_connections = Family::<PoolLabels, Gauge>::default();
         registry.register(
             "db_pool_connections",
@@ -136,6 +149,7 @@ impl Metrics {
                 rpc_requests,
                 rpc_duration,
                 cache_operations,
+                credential_lookups,
                 db_connections,
                 resident_memory,
             }),
@@ -166,6 +180,22 @@ impl Metrics {
         self.inner
             .cache_operations
             .get_or_create(&CacheLabels { op, outcome })
+            .get()
+    }
+
+    /// One Postgres lookup of a credential, `found` or `unknown`.
+    pub fn credential_lookup(&self, outcome: &'static str) {
+        self.inner
+            .credential_lookups
+            .get_or_create(&AuthLabels { outcome })
+            .inc();
+    }
+
+    /// How many credential lookups ended with `outcome` (for tests).
+    pub fn credential_lookup_count(&self, outcome: &'static str) -> u64 {
+        self.inner
+            .credential_lookups
+            .get_or_create(&AuthLabels { outcome })
             .get()
     }
 

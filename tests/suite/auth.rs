@@ -146,6 +146,7 @@ async fn each_scope_reaches_exactly_its_methods() {
             Scope::App => (false, false, true, false),
             Scope::Scheduler => (false, false, false, false),
             Scope::Admin => (true, true, true, true),
+            Scope::Customer => unreachable!("not the scope of a key"),
         };
         let expect = |allowed: bool| if allowed { Ok(()) } else { denied };
         assert_eq!(record, expect(can_checkout), "{scope} RecordPurchase");
@@ -335,5 +336,102 @@ async fn merchants_never_see_or_change_each_others_data() {
         .unwrap()
         .into_inner();
     assert_eq!(a_program.program.unwrap().earn_rate.unwrap().points, 1);
+    app.stop().await;
+}
+
+/// 300 distinct bogus keys from one address cost at most that address's budget of lookups,
+/// repeats and malformed keys cost none, and a real key keeps working during the flood, from
+/// the same address, whether its cache entry is fresh or has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bogus_keys_costs_a_bounded_number_of_lookups() {
+    const BUDGET: u32 = 10;
+    let app = TestApp::spawn_with(common::Options {
+        failed_auth_limit: loyalty::RateLimit {
+            per_second: 1,
+            burst: BUDGET,
+        },
+        ..Default::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let app_key = app.key(&merchant, Scope::App).await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    app.checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    let mut real = app.member(&app_key).await;
+    let balance = pb::GetBalanceRequest {
+        external_id: "card-1".into(),
+        min_version: 0,
+    };
+    real.get_balance(balance.clone()).await.unwrap();
+    let lookups = |outcome| app.metrics.credential_lookup_count(outcome);
+    let unknown_before = lookups("unknown");
+
+    let started = Instant::now();
+    let mut bare = pb::member_service_client::MemberServiceClient::new(app.channel().await);
+    let mut exhausted = 0;
+    for i in 0..300 {
+        // Shaped like a real key: 43 base64url characters.
+        let bogus = format!("lk_{i:0>43}");
+        let mut request = tonic::Request::new(balance.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {bogus}").parse().unwrap());
+        let status = bare.get_balance(request).await.unwrap_err();
+        match status.code() {
+            Code::Unauthenticated => {}
+            Code::ResourceExhausted => {
+                exhausted += 1;
+                assert!(
+                    status.message().contains("failed authentications"),
+                    "{}",
+                    status.message()
+                );
+            }
+            other => panic!("unexpected {other:?}: {}", status.message()),
+        }
+        if i % 50 == 0 {
+            // The real key works from the very address that floods.
+            real.get_balance(balance.clone()).await.unwrap();
+        }
+    }
+    // The same bogus key again, and keys not shaped like ours: no lookup at all.
+    for header in [
+        format!("Bearer lk_{:0>43}", 0),
+        "Bearer lk_short".to_string(),
+        format!("Bearer {}", "x".repeat(200)),
+    ] {
+        let mut request = tonic::Request::new(balance.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        bare.get_balance(request).await.unwrap_err();
+    }
+    let refills = started.elapsed().as_secs() + 1;
+    let failed = lookups("unknown") - unknown_before;
+    assert!(
+        failed <= u64::from(BUDGET) + refills,
+        "{failed} lookups for 300 bogus keys (budget {BUDGET} + {refills} refills)"
+    );
+    assert!(exhausted >= 250, "only {exhausted} refused for the budget");
+    common::report(
+        "9-failed-auth-flood",
+        serde_json::json!({
+            "bogus_keys": 300,
+            "lookups": failed,
+            "budget": BUDGET,
+            "refused_without_lookup": exhausted,
+            "real_key_calls_failed": 0,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    );
+
+    // After its cache entry expired, the real key is looked up again even though this address
+    // has no budget left: it was verified before, so its lookup is not charged.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    real.get_balance(balance.clone()).await.unwrap();
     app.stop().await;
 }

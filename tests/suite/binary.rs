@@ -223,6 +223,23 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
         "Bearer lk_guessed-key-12345".parse().unwrap(),
     );
     bad.get_balance(request).await.unwrap_err();
+    // A customer token is minted and used without ever being logged.
+    let token = member
+        .issue_customer_token(pb::IssueCustomerTokenRequest {
+            external_id: "card-1".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut request = tonic::Request::new(pb::GetCustomerRequest {
+        external_id: "card-1".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    bad.get_customer(request).await.unwrap();
 
     let health = Command::new(BIN)
         .args(["health", "--endpoint", &format!("http://127.0.0.1:{port}")])
@@ -270,6 +287,7 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
     }
     for secret in [
         admin_key.as_str(),
+        token.as_str(),
         "lk_guessed-key-12345",
         "secret.person@example.com",
         "+4915199999999",

@@ -44,6 +44,7 @@ fn largest_program(categories_per_promotion: usize) -> pb::Program {
             .collect(),
         version: 0,
         updated_at: None,
+        ..pb::Program::default()
     }
 }
 

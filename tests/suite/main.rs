@@ -7,6 +7,7 @@ mod auth;
 mod binary;
 mod cache;
 mod checkout;
+mod customer_tokens;
 mod exhaustion;
 mod isolation;
 mod members;

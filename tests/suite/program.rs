@@ -26,8 +26,7 @@ fn rules() -> pb::Program {
             ends_at: Some(timestamp_in(3600)),
             categories: vec!["bakery".into()],
         }],
-        version: 0,
-        updated_at: None,
+        ..Default::default()
     }
 }
 
@@ -350,5 +349,159 @@ async fn a_retry_gets_its_original_answer_after_the_program_changed() {
         .into_inner();
     assert_eq!(replayed, first);
     assert_eq!(app.row_counts().await, before);
+    app.stop().await;
+}
+
+/// A program whose only promotion is a 100x day long past, with the rules of `old_receipts`.
+fn with_an_old_100x_day(
+    days_ago: i64,
+    max_days: u32,
+    old_receipts: pb::OldReceiptPolicy,
+) -> pb::Program {
+    pb::Program {
+        currency: "EUR".into(),
+        earn_rate: Some(pb::EarnRate {
+            points: 1,
+            currency_units: 1,
+        }),
+        promotions: vec![pb::Promotion {
+            id: "anniversary-100x".into(),
+            multiplier_bp: 1_000_000,
+            starts_at: Some(timestamp_in(-days_ago * 86_400 - 3600)),
+            ends_at: Some(timestamp_in(-days_ago * 86_400 + 3600)),
+            categories: vec![],
+        }],
+        max_receipt_age_days: max_days,
+        old_receipts: old_receipts as i32,
+        ..Default::default()
+    }
+}
+
+fn dated(purchase_id: &str, days_ago: i64) -> pb::RecordPurchaseRequest {
+    pb::RecordPurchaseRequest {
+        occurred_at: Some(timestamp_in(-days_ago * 86_400)),
+        ..purchase("card-1", purchase_id, 1000)
+    }
+}
+
+/// A till cannot date a receipt back into a past promotion: by default a receipt more than
+/// 30 days old is refused and writes nothing; a program may instead let it earn under today's
+/// rules, where the old day's promotion does not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backdated_receipts_are_refused_or_earn_under_todays_rules() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let mut program = app.program(&merchant.admin_key).await;
+    let defaults = program
+        .get_program(pb::GetProgramRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .program
+        .unwrap();
+    assert_eq!(defaults.max_receipt_age_days, 30);
+    assert_eq!(defaults.old_receipts, pb::OldReceiptPolicy::Refuse as i32);
+
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    // The default program: 31 days back is refused, naming occurred_at, and writes nothing.
+    let before = app.row_counts().await;
+    let refused = checkout
+        .record_purchase(dated("r-old", 31))
+        .await
+        .unwrap_err();
+    assert_eq!(common::violated_fields(&refused), ["occurred_at"]);
+    assert!(
+        refused.message().contains("30 days"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(app.row_counts().await, before);
+    let quote = checkout
+        .quote_purchase(pb::QuotePurchaseRequest {
+            currency: "EUR".into(),
+            total_minor: 1000,
+            occurred_at: Some(timestamp_in(-31 * 86_400)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(common::violated_fields(&quote), ["occurred_at"]);
+
+    // Within the allowed age, the old day's promotion applies: 10 EUR at 100x.
+    program
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(with_an_old_100x_day(40, 60, pb::OldReceiptPolicy::Refuse)),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let r40 = dated("r-40", 40);
+    let within = checkout
+        .record_purchase(r40.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(within.points_earned, 1000);
+
+    // Once the program allows only 30 days, a retry of that very receipt still gets its
+    // original answer (rule 3), while a new one as old is refused.
+    program
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(with_an_old_100x_day(40, 30, pb::OldReceiptPolicy::Refuse)),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let retry = checkout.record_purchase(r40).await.unwrap().into_inner();
+    assert_eq!(retry, within);
+    let refused = checkout
+        .record_purchase(dated("r-40-new", 40))
+        .await
+        .unwrap_err();
+    assert_eq!(common::violated_fields(&refused), ["occurred_at"]);
+
+    // Older than allowed, with "earn under today's rules": 10 points, not 1,000.
+    program
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(with_an_old_100x_day(
+                40,
+                30,
+                pb::OldReceiptPolicy::EarnAtTodaysRules,
+            )),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let today = checkout
+        .record_purchase(dated("r-40-again", 40))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(today.points_earned, 10);
+
+    // An age beyond ten years or an unknown policy is refused, naming the field.
+    for (bad, field) in [
+        (
+            with_an_old_100x_day(40, 3651, pb::OldReceiptPolicy::Refuse),
+            "program.max_receipt_age_days",
+        ),
+        (
+            pb::Program {
+                old_receipts: 7,
+                ..with_an_old_100x_day(40, 30, pb::OldReceiptPolicy::Refuse)
+            },
+            "program.old_receipts",
+        ),
+    ] {
+        let status = program
+            .update_program(pb::UpdateProgramRequest {
+                program: Some(bad),
+                expected_version: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(common::violated_fields(&status), [field]);
+    }
     app.stop().await;
 }

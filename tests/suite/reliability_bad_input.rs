@@ -195,27 +195,30 @@ fn program() -> impl Strategy<Value = Option<pb::Program>> {
         );
     prop::option::of(
         (
-            currency(),
-            rate,
-            amount(),
-            prop::collection::vec(multiplier, 0..4),
-            prop::collection::vec(promotion, 0..3),
+            (
+                currency(),
+                rate,
+                amount(),
+                prop::collection::vec(multiplier, 0..4),
+                prop::collection::vec(promotion, 0..3),
+            ),
+            prop_oneof![0u32..40, any::<u32>()],
+            -1i32..4,
         )
             .prop_map(
                 |(
-                    currency,
-                    earn_rate,
-                    minimum_purchase_minor,
-                    category_multipliers,
-                    promotions,
+                    (currency, earn_rate, minimum_purchase_minor, category_multipliers, promotions),
+                    max_receipt_age_days,
+                    old_receipts,
                 )| pb::Program {
                     currency,
                     earn_rate,
                     minimum_purchase_minor,
                     category_multipliers,
                     promotions,
-                    version: 0,
-                    updated_at: None,
+                    max_receipt_age_days,
+                    old_receipts,
+                    ..Default::default()
                 },
             ),
     )
@@ -393,6 +396,24 @@ fn malformed_and_extreme_requests_get_clear_errors_and_write_nothing() {
                     external_id,
                     page_size,
                     page_token,
+                })
+                .await
+                .map(|_| ())
+            }
+        },
+    );
+    check(
+        &rt,
+        &app,
+        "IssueCustomerToken",
+        (text(), prop_oneof![0u32..100_000, any::<u32>()]),
+        &[Code::InvalidArgument],
+        |(external_id, ttl_seconds)| {
+            let mut c = member.clone();
+            async move {
+                c.issue_customer_token(pb::IssueCustomerTokenRequest {
+                    external_id,
+                    ttl_seconds,
                 })
                 .await
                 .map(|_| ())

@@ -271,3 +271,74 @@ async fn every_rpc_probed_across_merchants_finds_nothing_and_changes_nothing() {
     );
     app.stop().await;
 }
+
+/// Two merchants write interleaved: each sees entry ids 1, 2, 3, ... of its own customer and
+/// page tokens that continue from them, with no gaps left by the other merchant's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_ids_and_page_tokens_reveal_nothing_of_other_merchants() {
+    let app = TestApp::spawn().await;
+    let a = app.merchant().await;
+    let b = app.merchant().await;
+    let mut a_pos = app.checkout(&a.admin_key).await;
+    let mut b_pos = app.checkout(&b.admin_key).await;
+    for i in 0..4 {
+        a_pos
+            .record_purchase(purchase("card-a", &format!("a-{i}"), 1000))
+            .await
+            .unwrap();
+        for j in 0..3 {
+            b_pos
+                .record_purchase(purchase(&format!("card-b{j}"), &format!("b-{i}-{j}"), 1000))
+                .await
+                .unwrap();
+        }
+    }
+    let mut a_member = app.member(&a.admin_key).await;
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = a_member
+            .list_ledger(pb::ListLedgerRequest {
+                external_id: "card-a".into(),
+                page_size: 1,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.entries.iter().map(|e| e.entry_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(ids, [4, 3, 2, 1]);
+    let mut b_member = app.member(&b.admin_key).await;
+    let b_ids: Vec<i64> = b_member
+        .list_ledger(pb::ListLedgerRequest {
+            external_id: "card-b1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .iter()
+        .map(|e| e.entry_id)
+        .collect();
+    assert_eq!(b_ids, [4, 3, 2, 1]);
+    // The entry id is the balance version the entry produced.
+    let version = a_member
+        .get_balance(pb::GetBalanceRequest {
+            external_id: "card-a".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balance
+        .unwrap()
+        .version;
+    assert_eq!(version, 4);
+    app.stop().await;
+}

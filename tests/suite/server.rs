@@ -63,7 +63,9 @@ async fn health_follows_postgres() {
     db_proxy.cut().await;
     wait_for(&mut health, ServingStatus::NotServing).await;
     // Meanwhile an RPC that needs Postgres fails fast with UNAVAILABLE.
-    let merchant_key = "lk_unknown"; // auth itself needs Postgres for an unseen key
+    // Auth itself needs Postgres for an unseen key of our shape (a malformed one is refused
+    // without a lookup).
+    let merchant_key = &format!("lk_{}", "u".repeat(43));
     let started = Instant::now();
     let status = app
         .member(merchant_key)

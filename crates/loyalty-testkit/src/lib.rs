@@ -14,9 +14,11 @@ pub mod proxy;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use loyalty::platform::clock::Clock;
 use loyalty::{
     Application, Cache, CacheConfig, DatabaseConfig, MIGRATOR, MerchantId, Metrics, Publisher,
     Scope, ServerConfig, Store, pb,
@@ -289,6 +291,8 @@ pub struct Options {
     pub tls: Option<loyalty::ServerTls>,
     pub database_url: Option<String>,
     pub rate_limit: Option<loyalty::RateLimit>,
+    /// Per peer address: lookups of keys that turn out unknown.
+    pub failed_auth_limit: loyalty::RateLimit,
     pub max_in_flight: usize,
     /// Streams open at once (their own pool, apart from `max_in_flight`).
     pub max_streams: usize,
@@ -312,6 +316,28 @@ pub struct Options {
     pub key_prefix: Option<String>,
     /// Reach Postgres through this address (a [`proxy::Proxy`]) instead of directly.
     pub database_via: Option<SocketAddr>,
+    /// The server's clock (e.g. a [`ShiftedClock`] a test moves forward); the system clock
+    /// when `None`.
+    pub clock: Option<Arc<dyn Clock>>,
+}
+
+/// The system clock moved by an offset a test can change while the server runs.
+#[derive(Debug, Default)]
+pub struct ShiftedClock {
+    offset_seconds: AtomicI64,
+}
+
+impl ShiftedClock {
+    pub fn advance(&self, by: Duration) {
+        self.offset_seconds
+            .fetch_add(by.as_secs() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() + chrono::Duration::seconds(self.offset_seconds.load(Ordering::SeqCst))
+    }
 }
 
 impl Default for Options {
@@ -322,6 +348,10 @@ impl Default for Options {
             tls: None,
             database_url: None,
             rate_limit: None,
+            failed_auth_limit: loyalty::RateLimit {
+                per_second: 1000,
+                burst: 1000,
+            },
             max_in_flight: 256,
             max_streams: 1000,
             max_public_in_flight: 16,
@@ -339,6 +369,7 @@ impl Default for Options {
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
             key_prefix: None,
+            clock: None,
         }
     }
 }
@@ -445,6 +476,7 @@ impl TestApp {
             },
             key_cache_ttl: options.key_cache_ttl,
             rate_limit: options.rate_limit,
+            failed_auth_limit: options.failed_auth_limit,
             max_in_flight: options.max_in_flight,
             max_streams: options.max_streams,
             max_public_in_flight: options.max_public_in_flight,
@@ -459,7 +491,11 @@ impl TestApp {
             startup_timeout: Duration::from_secs(10),
             migrate: true,
         };
-        let mut app = Application::build(config).await.expect("server builds");
+        let mut app = match options.clock.clone() {
+            Some(clock) => Application::build_with_clock(config, clock).await,
+            None => Application::build(config).await,
+        }
+        .expect("server builds");
         if options.streaming_probe {
             app = app.with_service(probe::service());
         }
@@ -575,6 +611,20 @@ impl TestApp {
             self.channel().await,
             Self::bearer(key),
         )
+    }
+
+    /// A customer token for `external_id`, minted with `key` (app, pos or admin).
+    pub async fn customer_token(&self, key: &str, external_id: &str) -> String {
+        self.member(key)
+            .await
+            .issue_customer_token(pb::IssueCustomerTokenRequest {
+                external_id: external_id.to_string(),
+                ttl_seconds: 0,
+            })
+            .await
+            .expect("token issued")
+            .into_inner()
+            .token
     }
 
     pub async fn program(&self, key: &str) -> ProgramClient {

@@ -9,6 +9,7 @@
 //! the TLS handshake verified against that CA, and refused with UNAUTHENTICATED otherwise. A
 //! stolen till key is then useless without the till's certificate.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,18 +20,19 @@ use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
 use crate::error::Error;
-use crate::platform::caller::Caller;
-use crate::platform::caller::Scope;
-use crate::platform::connections::ConnectionInfo;
+use crate::platform::caller::{Caller, Scope};
+use crate::platform::connections::{ConnectionInfo, connection_of};
 use crate::platform::service::{Access, route_of};
 use crate::platform::tls::ClientCertificates;
 
 /// What the layer asks of whoever knows the keys (`access::Authenticator`).
 pub trait Authenticate: Send + Sync + 'static {
-    /// Resolves the value of an `authorization` header (`Bearer <key>`) to the caller.
+    /// Resolves the value of an `authorization` header (`Bearer <key>`), sent from `peer`
+    /// (the remote address, when the connection has one), to the caller.
     fn authenticate(
         &self,
         authorization: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> impl Future<Output = Result<Caller, Error>> + Send;
 
     /// Takes one request from the caller's budget.
@@ -87,6 +89,7 @@ fn certificate_required(scope: Scope) -> &'static str {
             "an API key with scope scheduler needs a client certificate (mutual TLS) here"
         }
         Scope::Admin => "an API key with scope admin needs a client certificate (mutual TLS) here",
+        Scope::Customer => "a customer token needs a client certificate (mutual TLS) here",
     }
 }
 
@@ -147,8 +150,9 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
+            let peer = peer_ip(&request);
             let checked = async {
-                let caller = authenticator.authenticate(header).await?;
+                let caller = authenticator.authenticate(header, peer).await?;
                 if let Some(policy) = &client_certificates
                     && policy.required_for(caller.scope)
                     && !has_certificate
@@ -156,10 +160,10 @@ where
                     return Err(Error::Unauthenticated(certificate_required(caller.scope)));
                 }
                 if !scopes.contains(&caller.scope) {
-                    return Err(Error::PermissionDenied(format!(
-                        "an API key with scope {} cannot call this method",
-                        caller.scope
-                    )));
+                    return Err(Error::PermissionDenied(match caller.scope {
+                        Scope::Customer => "a customer token cannot call this method".to_string(),
+                        scope => format!("an API key with scope {scope} cannot call this method"),
+                    }));
                 }
                 authenticator.check_rate(&caller)?;
                 Ok(caller)
@@ -176,5 +180,31 @@ where
                 Err(error) => Ok(Status::from(error).into_http()),
             }
         })
+    }
+}
+
+/// The remote address of the connection the request came on, if it has one. Plain TCP is read
+/// directly; anything else (TLS wraps the TCP info in its own type, present only when a TLS
+/// feature of tonic is on) goes through tonic's own `remote_addr`, which knows every kind.
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    connection_of(request)
+        .and_then(|connection| connection.remote_addr)
+        .map(|addr| addr.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_is_the_remote_address_of_the_connection() {
+        let mut request = http::Request::new(());
+        assert_eq!(peer_ip(&request), None);
+        request.extensions_mut().insert(ConnectionInfo {
+            local_addr: Some("127.0.0.1:50051".parse().unwrap()),
+            remote_addr: Some("203.0.113.9:40000".parse().unwrap()),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(1)),
+        });
+        assert_eq!(peer_ip(&request), Some("203.0.113.9".parse().unwrap()));
     }
 }

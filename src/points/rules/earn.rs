@@ -11,6 +11,8 @@
 //! size of the program, so one merchant's large program and large baskets cannot hold an
 //! async worker for long.
 
+use chrono::{DateTime, Utc};
+
 use crate::platform::validation::Invalid;
 use crate::points::rules::purchase::Basket;
 use crate::programs::rules::{
@@ -32,20 +34,29 @@ pub struct Earn {
     pub applied_promotion_ids: Vec<String>,
 }
 
-/// The points `basket` earns under a loaded program (its promotion index built already).
+/// What the basket earns under a loaded program (its promotion index built already), with
+/// the promotions of its own date.
 pub fn earn(program: &Program, basket: &Basket) -> Result<Earn, Invalid> {
-    earn_indexed(&program.rules, &program.promotion_index, basket)
+    earn_at(program, basket, basket.occurred_at)
+}
+
+/// What the basket earns with the promotions of `at` (the program's receipt age rule may move
+/// an old receipt to the rules of today: `ReceiptAge::earning_instant`).
+pub fn earn_at(program: &Program, basket: &Basket, at: DateTime<Utc>) -> Result<Earn, Invalid> {
+    earn_indexed(&program.rules, &program.promotion_index, basket, at)
 }
 
 /// Like [`earn`], for rules not loaded as a program (the index is built on the spot).
 pub fn earn_under(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
-    earn_indexed(rules, &PromotionIndex::new(&rules.promotions), basket)
+    let index = PromotionIndex::new(&rules.promotions);
+    earn_indexed(rules, &index, basket, basket.occurred_at)
 }
 
 fn earn_indexed(
     rules: &ProgramRules,
     index: &PromotionIndex,
     basket: &Basket,
+    at: DateTime<Utc>,
 ) -> Result<Earn, Invalid> {
     if basket.currency != rules.currency {
         return Err(Invalid::field(
@@ -64,7 +75,7 @@ fn earn_indexed(
     let mut applied = vec![false; rules.promotions.len()];
     let mut weighted: i128 = 0; // minor units × bp × bp
     let mut add = |category: &str, amount_minor: i64| {
-        let best = best_promotion(&rules.promotions, index.candidates(category), basket);
+        let best = best_promotion(&rules.promotions, index.candidates(category), at);
         let promotion_bp = match best {
             Some(index) => {
                 applied[index] = true;
@@ -112,18 +123,17 @@ fn earn_indexed(
     })
 }
 
-/// The promotion with the highest multiplier among the line's candidates that are running
-/// when the basket was bought; on a tie the one listed first. Promotions never stack.
+/// The promotion with the highest multiplier among the line's candidates that are running at
+/// `at`; on a tie the one listed first. Promotions never stack.
 fn best_promotion(
     promotions: &[Promotion],
     candidates: impl Iterator<Item = usize>,
-    basket: &Basket,
+    at: DateTime<Utc>,
 ) -> Option<usize> {
     let mut best: Option<usize> = None;
     for index in candidates {
         let promotion = &promotions[index];
-        let running =
-            promotion.starts_at <= basket.occurred_at && basket.occurred_at < promotion.ends_at;
+        let running = promotion.starts_at <= at && at < promotion.ends_at;
         let better = best.is_none_or(|b| {
             let held = promotions[b].multiplier_bp;
             promotion.multiplier_bp > held || (promotion.multiplier_bp == held && index < b)
@@ -141,7 +151,7 @@ mod tests {
     use crate::platform::money::{Currency, MAX_AMOUNT_MINOR};
     use crate::points::rules::purchase::Line;
     use crate::programs::rules::{EarnRate, MAX_MULTIPLIER_BP};
-    use chrono::{DateTime, TimeZone, Utc};
+    use chrono::TimeZone;
 
     fn eur() -> Currency {
         Currency::parse("currency", "EUR").unwrap()
@@ -400,7 +410,7 @@ mod tests {
             let index = PromotionIndex::new(&promotions);
             for line in &b.lines {
                 proptest::prop_assert_eq!(
-                    best_promotion(&promotions, index.candidates(&line.category), &b),
+                    best_promotion(&promotions, index.candidates(&line.category), b.occurred_at),
                     best_by_scanning(&promotions, &line.category, &b)
                 );
             }

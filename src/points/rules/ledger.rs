@@ -53,6 +53,8 @@ impl EntryKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
+    /// Numbers the customer's own entries 1, 2, 3, ... (the account version the entry
+    /// produced): it says nothing about other customers or merchants.
     pub entry_id: i64,
     pub kind: EntryKind,
     pub points: i64,
@@ -68,7 +70,9 @@ pub struct PageRequest {
     pub before_entry_id: Option<i64>,
 }
 
-const TOKEN_PREFIX: &str = "ledger.v1.";
+/// v2: the cursor is the customer's entry sequence. (v1 tokens held a table-wide id; they are
+/// refused rather than misread.)
+const TOKEN_PREFIX: &str = "ledger.v2.";
 
 impl PageRequest {
     /// `page_size` 0 means the default; sizes over the maximum are reduced to it (AIP-158).
@@ -143,7 +147,8 @@ mod tests {
         for bad in [
             "x",
             "!!!",
-            &URL_SAFE_NO_PAD.encode("ledger.v1.-5"),
+            &URL_SAFE_NO_PAD.encode("ledger.v2.-5"),
+            &URL_SAFE_NO_PAD.encode("ledger.v1.5"),
             &URL_SAFE_NO_PAD.encode("other.1"),
         ] {
             assert_eq!(

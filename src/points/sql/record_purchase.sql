@@ -37,8 +37,8 @@ WITH account AS (
            unnest($10::int[], $11::text[], $12::text[], $13::int[], $14::bigint[])
                AS l (line_no, sku, category, quantity, amount_minor)
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, customer_id, kind, points, reference, occurred_at)
-    SELECT $1, $2, 'earn', $9, $3, $5
+    INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference, occurred_at)
+    SELECT $1, $2, version, 'earn', $9, $3, $5
       FROM account
 )
 SELECT available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version
