@@ -70,6 +70,10 @@ fn plaintext_on_loopback(options: PgConnectOptions, url: &str) -> PgConnectOptio
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// One connection of its own for the health probe: a pool drained by requests waiting on
+    /// one hot customer's row lock is a busy database, not a dead one, and must not turn the
+    /// service NOT_SERVING (which would take the replica out of its load balancer).
+    health: PgPool,
 }
 
 impl Store {
@@ -88,6 +92,13 @@ impl Store {
             )])
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+        let health = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            .idle_timeout(Duration::from_secs(300))
+            .test_before_acquire(false)
+            .connect_lazy_with(options.clone());
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .min_connections(0)
@@ -106,11 +117,15 @@ impl Store {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Store { pool })
+        Ok(Store { pool, health })
     }
 
+    /// A store on an existing pool (tests); the health probe shares it.
     pub fn from_pool(pool: PgPool) -> Store {
-        Store { pool }
+        Store {
+            health: pool.clone(),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -136,10 +151,10 @@ impl Store {
         })
     }
 
-    /// A cheap round trip, for health checks.
+    /// A cheap round trip on the health probe's own connection.
     pub async fn ping(&self) -> Result<(), Error> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.health)
             .await
             .map_err(db_error)?;
         Ok(())
@@ -152,6 +167,7 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.health.close().await;
     }
 }
 

@@ -88,6 +88,75 @@ async fn health_follows_postgres() {
     app.stop().await;
 }
 
+/// The outside run's worry: one hot customer's lock queue drains the pool, and the health
+/// probe, waiting for a pooled connection like every request, turned the whole replica
+/// NOT_SERVING. The probe has a connection of its own: a busy database is not a dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_stays_serving_while_a_hot_customer_drains_the_pool() {
+    let app = TestApp::spawn_with(Options {
+        db_max_connections: 4,
+        db_acquire_timeout: Duration::from_millis(300),
+        health_interval: Duration::from_millis(50),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("hot", "r-0", 1000))
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(app.channel().await);
+    wait_for(&mut health, ServingStatus::Serving).await;
+
+    // Hold the hot customer's row: every purchase for them holds a pooled connection while it
+    // waits, and the pool (4) is soon empty.
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT a.version FROM accounts a JOIN customers c
+            ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
+         WHERE c.external_id = 'hot' FOR UPDATE OF a",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let tills: Vec<_> = (1..=8)
+        .map(|i| {
+            let mut checkout = checkout.clone();
+            tokio::spawn(async move {
+                let mut request = tonic::Request::new(purchase("hot", &format!("r-{i}"), 1000));
+                request.set_timeout(Duration::from_secs(3));
+                let _ = checkout.record_purchase(request).await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The pool is drained: a request that needs a connection of its own fails fast...
+    let drained = app
+        .member(&pos)
+        .await
+        .get_customer(pb::GetCustomerRequest {
+            external_id: "somebody-else".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(drained.code(), tonic::Code::Unavailable, "{drained:?}");
+    // ...and health, probed every 50 ms meanwhile, never left SERVING.
+    for _ in 0..10 {
+        assert_eq!(
+            statuses(&mut health).await,
+            vec![ServingStatus::Serving as i32; SERVICES.len()]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.commit().await.unwrap();
+    for till in tills {
+        till.await.unwrap();
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_the_services_in_both_versions() {
     use tonic_reflection::pb::{v1, v1alpha};
