@@ -1,7 +1,8 @@
-//! Reliability suite, fault injection (scenarios 1–5 of the reliability issue): replays, hot
-//! customers, Redis stopped and restarted (then frozen), PostgreSQL crashed with
-//! `pg_ctl -m immediate`, and the server SIGKILLed, each under real concurrent load through the
-//! generated gRPC client; plus the regression test of a stale cache entry left by a crash.
+//! Reliability suite, fault injection (scenarios 1–5 of the reliability issue, and 12):
+//! replays, hot customers, Redis stopped and restarted (then frozen), PostgreSQL crashed with
+//! `pg_ctl -m immediate`, the server SIGKILLed, and Redis away for longer under a till-shaped
+//! load, each under real concurrent load through the generated gRPC client; plus the
+//! regression test of a stale cache entry left by a crash.
 //!
 //! Every scenario runs against a rig of its own (tests/common/cluster.rs): a throwaway
 //! PostgreSQL cluster, a private Redis and the real `loyalty serve` binary, all on loopback.
@@ -298,6 +299,110 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
         }),
     );
     conclude(&cluster, "3-redis-restart", &violations, value);
+}
+
+/// Scenario 12: Redis away as a day at the tills would meet it, the shape an outside run used
+/// to make scenario 3's promise fail (23-28 failed RPCs a run): many tills (32) on a few dozen
+/// customers, a third of the acknowledged receipts sent again (half of those as concurrent
+/// copies), the tills' own 5 s deadline, and a longer outage: Redis killed for 8 s, restarted
+/// empty, later frozen for 3 s. Every failed cache write is noted in `cache_repairs` meanwhile,
+/// many for the same hot customers at once; noting must never queue one request behind
+/// another, so not one RPC may fail, and the notes must all be worked off once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scenario_12_redis_away_for_a_day_at_the_tills() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start("12-redis-tills").await;
+    let mut workload = Workload::new(32);
+    workload.hot = (1..=6).map(|i| format!("hot-{i}")).collect();
+    workload.cold = (1..=30).map(|i| format!("cold-{i}")).collect();
+    workload.hot_percent = 50;
+    workload.replay_percent = 30;
+    workload.deadline = Duration::from_secs(5);
+    workload.mix = Mix {
+        earn: 70,
+        enroll: 2,
+        balance: 28,
+    };
+    let running = workload.start(&cluster);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let stopped_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.redis.stop());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let noted_during_outage: i64 = {
+        let mut db = cluster.pool().await.acquire().await.unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap()
+    };
+    tokio::task::block_in_place(|| cluster.redis.start());
+    let restarted_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let frozen_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.redis.pause());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| cluster.redis.resume());
+    let thawed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (record, ran) = running.stop().await;
+
+    let audit = audit(&cluster, &record, Duration::from_secs(10)).await;
+    let mut violations = audit.violations.clone();
+    if record.failed_attempts() > 0 {
+        violations.push(format!(
+            "{} RPCs failed although only Redis was away: {:?}",
+            record.failed_attempts(),
+            record.failures
+        ));
+    }
+    if audit.cache_converged_after.is_none() {
+        violations.push("the cache did not converge to the committed state".into());
+    }
+    if noted_during_outage == 0 {
+        violations.push("no cache repair was noted: did the outage happen?".into());
+    }
+    let pool = cluster.pool().await;
+    let left_after = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_repairs")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if left == 0 || Instant::now() > deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if left_after > 0 {
+        violations.push(format!(
+            "{left_after} cache repairs still noted 10 s after the load"
+        ));
+    }
+    violations.extend(cluster.server_panics());
+    let value = figures(
+        &record,
+        &audit,
+        ran,
+        serde_json::json!({
+            "fault": "redis-server killed for 8 s, restarted empty; later frozen (SIGSTOP) for 3 s",
+            "redis_down_ms": (restarted_at - stopped_at).as_millis() as u64,
+            "redis_frozen_ms": (thawed_at - frozen_at).as_millis() as u64,
+            "faults_injected": 2,
+            "acknowledged_writes_while_redis_down": record.writes_between(stopped_at, restarted_at),
+            "acknowledged_writes_while_redis_frozen": record.writes_between(frozen_at, thawed_at),
+            "cache_repairs_noted_during_outage": noted_during_outage,
+            "cache_repairs_left_after": left_after,
+            "customers": workload.hot.len() + workload.cold.len(),
+            "workers": workload.workers,
+            "replay_percent": workload.replay_percent,
+            "deadline_ms": workload.deadline.as_millis() as u64,
+            "seed": workload.seed,
+        }),
+    );
+    conclude(&cluster, "12-redis-tills", &violations, value);
 }
 
 async fn cache_keys(redis: &mut redis::aio::MultiplexedConnection, prefix: &str) -> usize {

@@ -418,7 +418,7 @@ async fn a_flood_of_bogus_keys_costs_a_bounded_number_of_lookups() {
     );
     assert!(exhausted >= 250, "only {exhausted} refused for the budget");
     common::report(
-        "9-failed-auth-flood",
+        "10-failed-auth-flood",
         serde_json::json!({
             "bogus_keys": 300,
             "lookups": failed,
