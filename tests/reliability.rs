@@ -258,18 +258,7 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
     let (record, ran) = running.stop().await;
 
     let audit = audit(&cluster, &record, Duration::from_secs(10)).await;
-    let mut violations = audit.violations.clone();
-    // Redis is a cache: without it every RPC must still succeed the first time.
-    if record.failed_attempts() > 0 {
-        violations.push(format!(
-            "{} RPCs failed although only Redis was away: {:?}",
-            record.failed_attempts(),
-            record.failures
-        ));
-    }
-    if audit.cache_converged_after.is_none() {
-        violations.push("the cache did not converge to the committed state".into());
-    }
+    let mut violations = redis_away_violations(&record, &audit);
     if keys_before == 0 || keys_after == 0 {
         violations.push(format!(
             "the cache was not in use: {keys_before} entries before the stop, {keys_after} \
@@ -348,17 +337,7 @@ async fn scenario_12_redis_away_for_a_day_at_the_tills() {
     let (record, ran) = running.stop().await;
 
     let audit = audit(&cluster, &record, Duration::from_secs(10)).await;
-    let mut violations = audit.violations.clone();
-    if record.failed_attempts() > 0 {
-        violations.push(format!(
-            "{} RPCs failed although only Redis was away: {:?}",
-            record.failed_attempts(),
-            record.failures
-        ));
-    }
-    if audit.cache_converged_after.is_none() {
-        violations.push("the cache did not converge to the committed state".into());
-    }
+    let mut violations = redis_away_violations(&record, &audit);
     if noted_during_outage == 0 {
         violations.push("no cache repair was noted: did the outage happen?".into());
     }
@@ -403,6 +382,24 @@ async fn scenario_12_redis_away_for_a_day_at_the_tills() {
         }),
     );
     conclude(&cluster, "12-redis-tills", &violations, value);
+}
+
+/// What a Redis fault may never cause: the audit's violations, any failed RPC (Redis is a
+/// cache: without it every RPC must still succeed the first time), a cache that does not
+/// converge to the committed state.
+fn redis_away_violations(record: &Record, audit: &cluster::Audit) -> Vec<String> {
+    let mut violations = audit.violations.clone();
+    if record.failed_attempts() > 0 {
+        violations.push(format!(
+            "{} RPCs failed although only Redis was away: {:?}",
+            record.failed_attempts(),
+            record.failures
+        ));
+    }
+    if audit.cache_converged_after.is_none() {
+        violations.push("the cache did not converge to the committed state".into());
+    }
+    violations
 }
 
 async fn cache_keys(redis: &mut redis::aio::MultiplexedConnection, prefix: &str) -> usize {

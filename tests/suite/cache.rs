@@ -553,15 +553,7 @@ async fn a_purchase_that_commits_after_its_deadline_still_reaches_the_cache() {
     assert_eq!(available(&mut member, "card-1").await, 10, "cached");
 
     // Another transaction holds the customer's account row.
-    let mut holder = app.pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT a.version FROM accounts a JOIN customers c
-            ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
-         WHERE c.external_id = 'card-1' FOR UPDATE OF a",
-    )
-    .execute(&mut *holder)
-    .await
-    .unwrap();
+    let holder = app.hold_account("card-1").await;
     let mut request = tonic::Request::new(purchase("card-1", "r-2", 1000));
     request.set_timeout(Duration::from_millis(300));
     let abandoned = checkout.record_purchase(request).await.unwrap_err();

@@ -112,15 +112,7 @@ async fn health_stays_serving_while_a_hot_customer_drains_the_pool() {
 
     // Hold the hot customer's row: every purchase for them holds a pooled connection while it
     // waits, and the pool (4) is soon empty.
-    let mut holder = app.pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT a.version FROM accounts a JOIN customers c
-            ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
-         WHERE c.external_id = 'hot' FOR UPDATE OF a",
-    )
-    .execute(&mut *holder)
-    .await
-    .unwrap();
+    let holder = app.hold_account("hot").await;
     let tills: Vec<_> = (1..=8)
         .map(|i| {
             let mut checkout = checkout.clone();

@@ -543,6 +543,26 @@ impl TestApp {
     }
 
     /// A new merchant (with the default EUR program) and its admin key.
+    /// A transaction holding the account row of `external_id` (of any merchant) FOR UPDATE,
+    /// as a long write of another request would: purchases for that customer wait until it
+    /// ends (commit or drop).
+    pub async fn hold_account(
+        &self,
+        external_id: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = self.pool.begin().await.unwrap();
+        sqlx::query(
+            "SELECT a.version FROM accounts a JOIN customers c
+                ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
+             WHERE c.external_id = $1 FOR UPDATE OF a",
+        )
+        .bind(external_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+        holder
+    }
+
     pub async fn merchant(&self) -> Merchant {
         self.merchant_in("EUR").await
     }
