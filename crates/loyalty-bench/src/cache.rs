@@ -56,6 +56,11 @@ pub async fn warm(
         Metrics::new(),
     )
     .context("cannot set up the Redis cache")?;
+    // The cache checks which Redis server it reaches once, and skips (rather than waits)
+    // while it does: check before the concurrent writes.
+    if !cache.is_reachable().await {
+        anyhow::bail!("the Redis at {redis_url} does not answer");
+    }
     let started = Instant::now();
     let (mut stored, mut failed) = (0u64, 0u64);
     let mut after: i64 = 0;

@@ -232,8 +232,9 @@ WITH spec AS (
     UNION ALL
     SELECT $1, purchase_id, 2, 'croissant', 'bakery', 2, bakery FROM purchase
 ), entry AS (
-    INSERT INTO ledger_entries (merchant_id, customer_id, kind, points, reference, occurred_at)
-    SELECT $1, c.id, 'earn', p.points, p.purchase_id, p.occurred_at
+    INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
+                                occurred_at)
+    SELECT $1, c.id, p.k, 'earn', p.points, p.purchase_id, p.occurred_at
       FROM purchase p JOIN customer c ON c.n = p.n
 )
 SELECT count(*) FROM customer
