@@ -268,6 +268,7 @@ impl Application {
             grpc_listener,
             ConnectionLimits {
                 max_connections: config.max_connections,
+                max_connections_per_peer: config.max_connections_per_peer,
                 body_budget_bytes: config.max_message_bytes + 5,
             },
         );

@@ -295,6 +295,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
 
+    /// TCP connections open at once from one remote address (so one client cannot take every
+    /// slot; clients behind one NAT address share it).
+    #[arg(long, env = "LOYALTY_MAX_CONNECTIONS_PER_PEER", default_value_t = 128)]
+    pub max_connections_per_peer: usize,
+
     /// HTTP/2 streams (calls) one connection may have open at once.
     #[arg(
         long,
@@ -346,6 +351,7 @@ pub struct ServerConfig {
     pub max_public_in_flight: usize,
     pub max_public_streams: usize,
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
     pub max_streams_per_connection: u32,
     pub queue_timeout: Duration,
     pub request_timeout: Duration,
@@ -493,6 +499,12 @@ impl ServeArgs {
                 1,
                 1_000_000,
             )?,
+            max_connections_per_peer: within(
+                "LOYALTY_MAX_CONNECTIONS_PER_PEER",
+                self.max_connections_per_peer,
+                1,
+                1_000_000,
+            )?,
             max_streams_per_connection: within(
                 "LOYALTY_MAX_STREAMS_PER_CONNECTION",
                 self.max_streams_per_connection,
@@ -603,6 +615,11 @@ mod tests {
                 "LOYALTY_MAX_PUBLIC_IN_FLIGHT",
             ),
             ("--max-connections", "0", "LOYALTY_MAX_CONNECTIONS"),
+            (
+                "--max-connections-per-peer",
+                "0",
+                "LOYALTY_MAX_CONNECTIONS_PER_PEER",
+            ),
             (
                 "--max-streams-per-connection",
                 "0",

@@ -1,7 +1,9 @@
 //! Bounds on what one TCP connection can hold, below gRPC:
 //!
-//! * at most `max_connections` are open at once; one more is accepted and closed at once (the
-//!   client sees a reset and can go to another replica) rather than left in the backlog;
+//! * at most `max_connections` are open at once, and at most `max_connections_per_peer` from
+//!   one remote address (so one client cannot take every slot); one more is accepted and
+//!   closed at once (the client sees a reset and can go to another replica) rather than left
+//!   in the backlog;
 //! * each connection has a budget of request bytes the server buffers for it
 //!   (`layers::read_body`): one largest message. A connection that trickles or withholds its
 //!   bodies can only make itself wait, and the memory that request bodies take stays below
@@ -10,10 +12,11 @@
 //! The budget travels with every request as the connection's [`ConnectionInfo`] (tonic puts
 //! it in the request extensions), so it goes away with the connection.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -50,6 +53,7 @@ pub fn connection_of<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
     /// Request bytes buffered per connection at once (at least one largest message).
     pub body_budget_bytes: usize,
 }
@@ -59,6 +63,54 @@ pub struct Connection {
     stream: TcpStream,
     info: ConnectionInfo,
     _slot: OwnedSemaphorePermit,
+    _peer_slot: Option<PeerSlot>,
+}
+
+/// Open connections per remote address.
+#[derive(Clone)]
+struct PeerSlots {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_peer: usize,
+}
+
+/// One connection's place in its peer's count; given back when dropped.
+struct PeerSlot {
+    peer: IpAddr,
+    slots: PeerSlots,
+}
+
+impl PeerSlots {
+    fn new(max_per_peer: usize) -> PeerSlots {
+        PeerSlots {
+            open: Arc::new(Mutex::new(HashMap::new())),
+            max_per_peer,
+        }
+    }
+
+    fn take(&self, peer: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(peer).or_insert(0);
+        if *count >= self.max_per_peer {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peer,
+            slots: self.clone(),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Accepts connections from `listener` within `limits`. Never ends and never yields an error:
@@ -68,41 +120,64 @@ pub fn accept_within(
     limits: ConnectionLimits,
 ) -> impl Stream<Item = Result<Connection, io::Error>> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    if let Some(suppressed) = ACCEPT_FAILED.admit() {
-                        tracing::warn!(%error, suppressed, "accepting a connection failed");
+    let peers = PeerSlots::new(limits.max_connections_per_peer);
+    futures::stream::unfold((listener, slots), move |(listener, slots)| {
+        let peers = peers.clone();
+        async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        if let Some(suppressed) = ACCEPT_FAILED.admit() {
+                            tracing::warn!(%error, suppressed, "accepting a connection failed");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if let Some(suppressed) = REFUSED.admit() {
+                        tracing::warn!(
+                            max_connections = limits.max_connections,
+                            suppressed,
+                            "connection refused: too many open connections"
+                        );
+                    }
+                    drop(stream);
                     continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                if let Some(suppressed) = REFUSED.admit() {
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        suppressed,
-                        "connection refused: too many open connections"
-                    );
-                }
-                drop(stream);
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let info = ConnectionInfo {
-                remote_addr: stream.peer_addr().ok(),
-                local_addr: stream.local_addr().ok(),
-                body_budget: Arc::new(Semaphore::new(limits.body_budget_bytes)),
-            };
-            let connection = Connection {
-                stream,
-                info,
-                _slot: slot,
-            };
-            return Some((Ok(connection), (listener, slots)));
+                };
+                let remote_addr = stream.peer_addr().ok();
+                let peer_slot = match remote_addr {
+                    Some(addr) => match peers.take(addr.ip()) {
+                        Some(peer_slot) => Some(peer_slot),
+                        None => {
+                            if let Some(suppressed) = REFUSED.admit() {
+                                tracing::warn!(
+                                    max_connections_per_peer = limits.max_connections_per_peer,
+                                    suppressed,
+                                    "connection refused: too many open connections from one address"
+                                );
+                            }
+                            drop(stream);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let _ = stream.set_nodelay(true);
+                let info = ConnectionInfo {
+                    remote_addr,
+                    local_addr: stream.local_addr().ok(),
+                    body_budget: Arc::new(Semaphore::new(limits.body_budget_bytes)),
+                };
+                let connection = Connection {
+                    stream,
+                    info,
+                    _slot: slot,
+                    _peer_slot: peer_slot,
+                };
+                return Some((Ok(connection), (listener, slots)));
+            }
         }
     })
 }
@@ -152,5 +227,29 @@ impl AsyncWrite for Connection {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_gets_its_slots_back_when_its_connections_close() {
+        let peers = PeerSlots::new(2);
+        let a: IpAddr = "203.0.113.1".parse().unwrap();
+        let b: IpAddr = "203.0.113.2".parse().unwrap();
+        let first = peers.take(a).unwrap();
+        let _second = peers.take(a).unwrap();
+        assert!(peers.take(a).is_none(), "a third from the same address");
+        let _other = peers.take(b).expect("another address has slots of its own");
+        drop(first);
+        let _again = peers.take(a).expect("a slot given back");
+        drop(_again);
+        drop(_second);
+        assert!(
+            !peers.open.lock().unwrap().contains_key(&a),
+            "forgotten at zero"
+        );
     }
 }

@@ -325,3 +325,50 @@ async fn bodies_held_open_cost_at_most_one_message_per_connection() {
     drop(server);
     db.drop_database().await;
 }
+
+/// One client (one address) cannot take every connection slot: beyond its own limit its
+/// connections are closed, while another address still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let app = TestApp::spawn_with(Options {
+        max_connections: 10,
+        max_connections_per_peer: 2,
+        ..Options::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(connect_and_check(app.addr).await.expect("within the limit"));
+    }
+    assert!(
+        connect_and_check(app.addr).await.is_err(),
+        "a third connection from 127.0.0.1 must be refused"
+    );
+    // Another loopback address is another peer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("another peer");
+    tokio::spawn(connection);
+    let mut ready = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{}/grpc.health.v1.Health/Check", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = ready.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(2), response)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(
+        grpc_status(&response),
+        None,
+        "answered in the trailers: {response:?}"
+    );
+    assert_eq!(response.status(), 200);
+    drop(open);
+    app.stop().await;
+}

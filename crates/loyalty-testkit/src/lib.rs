@@ -299,6 +299,7 @@ pub struct Options {
     pub max_public_in_flight: usize,
     pub max_public_streams: usize,
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
     pub max_streams_per_connection: u32,
     /// Serve the test kit's streaming probe ([`probe`]) beside the loyalty API.
     pub streaming_probe: bool,
@@ -357,6 +358,7 @@ impl Default for Options {
             max_public_in_flight: 16,
             max_public_streams: 100,
             max_connections: 512,
+            max_connections_per_peer: 128,
             max_streams_per_connection: 100,
             streaming_probe: false,
             queue_timeout: Duration::from_millis(250),
@@ -482,6 +484,7 @@ impl TestApp {
             max_public_in_flight: options.max_public_in_flight,
             max_public_streams: options.max_public_streams,
             max_connections: options.max_connections,
+            max_connections_per_peer: options.max_connections_per_peer,
             max_streams_per_connection: options.max_streams_per_connection,
             queue_timeout: options.queue_timeout,
             request_timeout: options.request_timeout,
