@@ -230,9 +230,13 @@ async fn the_worst_baskets_of_the_largest_program_do_not_slow_another_merchant()
         quote_p99 < Duration::from_millis(45),
         "the worst basket took {quote_p99:?} at p99"
     );
-    // Within 2x, plus 10 ms for the debug build: decoding and validating 40 KB baskets on
-    // the async workers costs requests queued behind them ~1 ms each. Before the index a
-    // worst basket took ~50 ms of one worker, and the other merchant waited as long.
+    // Within 2x plus the largest piece of a worst quote that still runs on an async worker
+    // (decoding and validating its 40 KB, copying its basket for the blocking pool): a request
+    // queued behind it waits that long. Measured here: debug build 1.5-2.5 ms alone, 4.7-6.8
+    // ms beside; release build 0.16 ms alone, 0.57 ms beside. Against the outside run's 2 ms
+    // baseline that is within 2x; against this in-process baseline it is not, hence the
+    // allowance. Before the index and the blocking pool, a worst quote held a worker for
+    // ~50 ms here (1-1.5 s outside) and the other merchant waited as long.
     assert!(
         beside <= alone * 2 + DEBUG_BUILD_ALLOWANCE,
         "another merchant's GetBalance p99 went from {alone:?} to {beside:?}"
