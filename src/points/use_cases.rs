@@ -10,6 +10,7 @@ use crate::platform::cache::CacheRead;
 use crate::platform::caller::{Caller, MerchantId};
 use crate::platform::detach::detach;
 use crate::platform::store::{commit, db_error};
+use crate::platform::validation::Invalid;
 use crate::points::Points;
 use crate::points::rules::PurchaseReceipt;
 use crate::points::rules::earn::{self, Earn};
@@ -135,11 +136,24 @@ impl Points {
                 })
             }
             RecordOutcome::AlreadyTaken => {
-                let stored = store::find(&mut conn, merchant, &purchase.purchase_id)
-                    .await?
-                    .ok_or_else(|| Error::internal("a purchase that conflicted cannot be found"))?;
-                drop(conn);
-                self.answer_replay(merchant, purchase, stored).await
+                match store::find(&mut conn, merchant, &purchase.purchase_id).await? {
+                    Some(stored) => {
+                        drop(conn);
+                        self.answer_replay(merchant, purchase, stored).await
+                    }
+                    // Nothing is stored under this purchase_id: the statement wrote nothing
+                    // because the program's currency changed after the points were computed.
+                    None => {
+                        let currency = programs::store::currency(&mut conn, merchant)
+                            .await?
+                            .ok_or(Error::NotFound("program"))?;
+                        Err(Invalid::field(
+                            "currency",
+                            format!("must be the program currency {currency}"),
+                        )
+                        .into())
+                    }
+                }
             }
         }
     }

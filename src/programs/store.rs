@@ -126,6 +126,18 @@ pub async fn lock(
         .map_err(db_error)
 }
 
+/// The program's currency now (a purchase that lost the race with a currency change says it).
+pub async fn currency(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+) -> Result<Option<String>, Error> {
+    sqlx::query_scalar("SELECT currency FROM programs WHERE merchant_id = $1")
+        .bind(merchant.0)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
+}
+
 /// Whether the merchant has recorded any purchase (its currency is then fixed).
 pub async fn has_purchases(conn: &mut PgConnection, merchant: MerchantId) -> Result<bool, Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1)")

@@ -2,6 +2,8 @@
 
 use loyalty_testkit as common;
 
+use std::time::Duration;
+
 use common::{Options, TestApp, purchase, timestamp_in};
 use loyalty::Scope;
 use loyalty::pb;
@@ -197,6 +199,71 @@ async fn the_currency_can_change_only_before_the_first_purchase() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("USD"), "{}", status.message());
+    app.stop().await;
+}
+
+/// The outside run's worry: a currency change racing a merchant's first purchase could commit
+/// both, leaving a purchase in a currency the program no longer has. The test plays the
+/// currency change with UpdateProgram's own steps (lock the program row, find no purchase,
+/// change the currency), and sends the first purchase between the check and the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_currency_change_and_a_first_purchase_never_both_commit() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    // The till knows the customer already (enrolled, no purchase yet).
+    app.member(&pos)
+        .await
+        .enroll_customer(common::cluster::profile("card-1"))
+        .await
+        .unwrap();
+
+    let mut change = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT currency FROM programs WHERE merchant_id = $1 FOR UPDATE")
+        .bind(merchant.id.0)
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    let purchased: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1)")
+            .bind(merchant.id.0)
+            .fetch_one(&mut *change)
+            .await
+            .unwrap();
+    assert!(!purchased);
+
+    let till = tokio::spawn(async move {
+        let mut request = tonic::Request::new(purchase("card-1", "r-1", 1000));
+        request.set_timeout(Duration::from_secs(5));
+        checkout.record_purchase(request).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query(
+        "UPDATE programs SET currency = 'USD', version = version + 1 WHERE merchant_id = $1",
+    )
+    .bind(merchant.id.0)
+    .execute(&mut *change)
+    .await
+    .unwrap();
+    change.commit().await.unwrap();
+
+    let answer = till.await.unwrap();
+    let stray: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM purchases p JOIN programs g ON g.merchant_id = p.merchant_id
+          WHERE p.merchant_id = $1 AND p.currency <> g.currency",
+    )
+    .bind(merchant.id.0)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stray, 0,
+        "a purchase in a currency the program no longer has: {answer:?}"
+    );
+    let refused = answer.expect_err("the purchase in the old currency is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(common::violated_fields(&refused), ["currency"]);
     app.stop().await;
 }
 

@@ -5,11 +5,25 @@
 -- $7 total_minor, $8 request_hash, $9 points, $10..$14 the lines as parallel arrays
 -- (line_no, sku, category, quantity, amount_minor).
 --
--- Returns the account after the purchase, or no row when the purchase_id is already taken.
+-- Returns the account after the purchase, or no row when the purchase_id is already taken
+-- (or the program's currency is no longer the purchase's).
 -- Two concurrent first attempts both pass the NOT EXISTS; the second then fails on the
 -- purchases primary key (SQLSTATE 23505) and the whole statement, account update included,
 -- is rolled back. The unique key, not the check, is what guarantees "earns at most once".
-WITH account AS (
+--
+-- A merchant's currency can change only while it has no purchase. Until its first purchase
+-- commits, a purchase reads the program row FOR KEY SHARE (the lock a foreign key takes) and
+-- is only written in the program's current currency: a currency change holds that row FOR
+-- UPDATE between its "no purchase yet" check and its commit, so the purchase either waits for
+-- it and then sees the new currency (no row is written), or commits first and the change's
+-- check sees it. Once a purchase is committed the currency is fixed, and the row is not
+-- locked any more (on the hot path, a lock per purchase on one row costs multixacts).
+WITH program AS (
+    SELECT currency FROM programs
+     WHERE merchant_id = $1
+       AND NOT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1)
+       FOR KEY SHARE
+), account AS (
     UPDATE accounts
        SET available        = available + $9,
            lifetime_earned  = lifetime_earned + $9,
@@ -20,6 +34,8 @@ WITH account AS (
      WHERE merchant_id = $1
        AND customer_id = $2
        AND NOT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1 AND purchase_id = $3)
+       AND (EXISTS (SELECT 1 FROM program WHERE currency = $6)
+            OR EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1))
  RETURNING available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version
 ), purchase AS (
     INSERT INTO purchases (merchant_id, purchase_id, customer_id, store_id, occurred_at, currency,
