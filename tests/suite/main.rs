@@ -9,7 +9,6 @@ mod cache;
 mod checkout;
 mod customer_tokens;
 mod exhaustion;
-mod isolation;
 mod members;
 mod program;
 mod reliability_bad_input;

@@ -1,5 +1,8 @@
 //! One merchant must not starve the others: the largest program a merchant may hold and the
 //! largest baskets it may send cost that merchant time, not another merchant's latency.
+//!
+//! A test binary of its own: its figures are latencies, and cargo runs test binaries one at a
+//! time, so the suite's other tests do not share the two cores with it.
 
 use loyalty_testkit as common;
 
@@ -225,10 +228,14 @@ async fn the_worst_baskets_of_the_largest_program_do_not_slow_another_merchant()
     );
     assert!(quotes.len() > 10, "the heavy merchant's load did not run");
     // The basket costs O(lines + matching promotions): ~20 ms at p99 in the debug build (66 ms
-    // when every line scanned every promotion's categories).
+    // when every line scanned every promotion's categories). On a machine slower than the one
+    // this was measured on (a quiet GetBalance p99 of 2.5 ms there) the bound grows with it:
+    // a busy machine once measured 62 ms beside a 15.8 ms GetBalance.
+    let slowness = (alone.as_secs_f64() / 0.0025).max(1.0);
+    let bound = Duration::from_millis(45).mul_f64(slowness);
     assert!(
-        quote_p99 < Duration::from_millis(45),
-        "the worst basket took {quote_p99:?} at p99"
+        quote_p99 < bound,
+        "the worst basket took {quote_p99:?} at p99 (bound {bound:?} at slowness {slowness:.1})"
     );
     // Within 2x plus the largest piece of a worst quote that still runs on an async worker
     // (decoding and validating its 40 KB, copying its basket for the blocking pool): a request
