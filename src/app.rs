@@ -201,6 +201,11 @@ impl Application {
         self.parts.publisher.cache()
     }
 
+    /// The points use cases, sweep included (tests run sweep passes by hand).
+    pub fn points(&self) -> crate::points::Points {
+        crate::points::Points::new(&self.parts, &self.program_cache)
+    }
+
     /// The cache's publisher and repairer (tests run a repair pass by hand).
     pub fn publisher(&self) -> &Publisher {
         &self.parts.publisher
@@ -253,6 +258,10 @@ impl Application {
             },
         ));
         background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
+        if let Some(interval) = config.sweep_interval {
+            let points = crate::points::Points::new(&parts, &program_cache);
+            background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
+        }
 
         if let Some(listener) = metrics_listener {
             background.push(serve_metrics(listener, metrics.clone(), stop_rx.clone()));

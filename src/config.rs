@@ -324,6 +324,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_HEALTH_INTERVAL_MS", default_value_t = 1000)]
     pub health_interval_ms: u64,
 
+    /// How often the points sweep runs (matures pending points, expires due ones, releases
+    /// holds past their ttl); 0 turns it off on this replica (another must run it).
+    #[arg(long, env = "LOYALTY_SWEEP_INTERVAL_MS", default_value_t = 1000)]
+    pub sweep_interval_ms: u64,
+
     /// How long in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "LOYALTY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -357,6 +362,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
     pub health_interval: Duration,
+    /// `None`: this replica runs no points sweep.
+    pub sweep_interval: Option<Duration>,
     pub shutdown_grace: Duration,
     pub startup_timeout: Duration,
     /// Apply migrations at start-up.
@@ -530,6 +537,10 @@ impl ServeArgs {
                 10,
                 600_000,
             )?,
+            sweep_interval: match self.sweep_interval_ms {
+                0 => None,
+                ms => Some(millis("LOYALTY_SWEEP_INTERVAL_MS", ms, 10, 3_600_000)?),
+            },
             shutdown_grace: secs(
                 "LOYALTY_SHUTDOWN_GRACE_SECS",
                 self.shutdown_grace_secs,

@@ -34,6 +34,10 @@ pub enum Error {
     /// The request is valid but the system is not in a state to accept it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A debit of more points than the customer has available. Becomes FAILED_PRECONDITION
+    /// with a `google.rpc.PreconditionFailure` detail that states the available points.
+    #[error("not enough points: {requested} requested, {available} available")]
+    InsufficientPoints { requested: i64, available: i64 },
     #[error("{0}")]
     Unauthenticated(&'static str),
     #[error("{0}")]
@@ -67,7 +71,9 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::InsufficientPoints { .. } => {
+                Code::FailedPrecondition
+            }
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
@@ -130,6 +136,18 @@ impl From<Error> for Status {
                 ),
                 None => Status::resource_exhausted(message),
             },
+            Error::InsufficientPoints {
+                requested,
+                available,
+            } => Status::with_error_details(
+                Code::FailedPrecondition,
+                format!("not enough points: {requested} requested, {available} available"),
+                ErrorDetails::with_precondition_failure_violation(
+                    "points",
+                    "available",
+                    format!("{available} points are available"),
+                ),
+            ),
             Error::Internal(source) => {
                 if let Some(suppressed) = INTERNAL_ERRORS.admit() {
                     tracing::error!(error = %source, suppressed, "internal error");
@@ -183,6 +201,19 @@ mod tests {
         let details = status.get_details_bad_request().expect("details");
         assert_eq!(details.field_violations.len(), MAX_REPORTED_VIOLATIONS);
         assert!(status.details().len() < 4096);
+    }
+
+    #[test]
+    fn insufficient_points_state_what_is_available() {
+        let status: Status = Error::InsufficientPoints {
+            requested: 10,
+            available: 3,
+        }
+        .into();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let failure = status.get_details_precondition_failure().expect("details");
+        assert_eq!(failure.violations[0].subject, "available");
+        assert_eq!(failure.violations[0].description, "3 points are available");
     }
 
     #[test]

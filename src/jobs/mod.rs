@@ -8,6 +8,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::platform::cache_repair::Publisher;
+use crate::points::Points;
+use crate::telemetry::throttle::LogThrottle;
+
+/// Customers (and, apart, holds) one sweep pass takes at most.
+pub const SWEEP_BATCH: i64 = 500;
+
+/// While Postgres is down every pass fails the same way.
+static SWEEP_FAILURES: LogThrottle = LogThrottle::per_minute(6);
 
 /// Repeats `tick` every `every` until `stop` turns true.
 fn every<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, mut tick: F) -> JoinHandle<()>
@@ -37,6 +45,47 @@ pub fn cache_repair(publisher: Publisher, stop: watch::Receiver<bool>) -> JoinHa
         let publisher = publisher.clone();
         async move {
             publisher.repair_cache().await;
+        }
+    })
+}
+
+/// The points sweep: holds past their ttl are released, pending lots mature, due lots
+/// expire. Safe on every replica at once (it claims customers with `SKIP LOCKED`); a pass
+/// that found a full batch is followed at once by another.
+pub fn points_sweep(
+    points: Points,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let points = points.clone();
+        async move {
+            for _ in 0..10 {
+                match points.sweep(SWEEP_BATCH).await {
+                    Ok(report) => {
+                        if report.lots_expired > 0 || report.holds_released > 0 {
+                            tracing::info!(
+                                holds_released = report.holds_released,
+                                lots_matured = report.lots_matured,
+                                lots_expired = report.lots_expired,
+                                points_expired = report.points_expired,
+                                "points sweep"
+                            );
+                        }
+                        let busy =
+                            report.holds_released + report.lots_matured + report.lots_expired;
+                        if busy < SWEEP_BATCH as u64 {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        if let Some(suppressed) = SWEEP_FAILURES.admit() {
+                            tracing::warn!(%error, suppressed, "points sweep failed");
+                        }
+                        return;
+                    }
+                }
+            }
         }
     })
 }

@@ -68,6 +68,7 @@ impl MemberService for MemberApi {
         Ok(Response::new(pb::GetBalanceResponse {
             balance: Some(points::balance_message(&state)),
             purchase_count: state.purchase_count,
+            next_expiry: points::expiry_message(&state),
             external_id: r.external_id,
         }))
     }

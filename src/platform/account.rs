@@ -2,6 +2,8 @@
 //! read. Every feature that changes a balance returns the state after its change, and that
 //! state is what the cache holds (`platform::cache`).
 
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
 use crate::error::Error;
@@ -17,7 +19,7 @@ const ACCOUNTS_BY_EXTERNAL_IDS: &str = include_str!("sql/accounts_by_external_id
 
 /// The hot state of one customer, as stored in Postgres and cached in Redis.
 /// `version` grows on every change, so two copies can always be ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AccountState {
     pub available: i64,
     pub pending: i64,
@@ -25,9 +27,20 @@ pub struct AccountState {
     pub lifetime_redeemed: i64,
     pub purchase_count: i64,
     pub version: i64,
+    /// The soonest expiry of available points (`None`: none of them expire). Derived from the
+    /// lots, so every statement that returns an account computes it (`sql/next_expiry.sql`).
+    #[serde(default)]
+    pub next_expiry: Option<PointsExpiry>,
 }
 
-/// The columns of `accounts` as a statement returns them.
+/// Points that expire together: spendable strictly before `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointsExpiry {
+    pub points: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// The columns of `accounts` as a statement returns them, with the next expiry.
 #[derive(sqlx::FromRow)]
 pub(crate) struct AccountRow {
     available: i64,
@@ -36,6 +49,8 @@ pub(crate) struct AccountRow {
     lifetime_redeemed: i64,
     purchase_count: i64,
     version: i64,
+    next_expiry_points: Option<i64>,
+    next_expiry_at: Option<DateTime<Utc>>,
 }
 
 impl From<AccountRow> for AccountState {
@@ -47,6 +62,10 @@ impl From<AccountRow> for AccountState {
             lifetime_redeemed: row.lifetime_redeemed,
             purchase_count: row.purchase_count,
             version: row.version,
+            next_expiry: match (row.next_expiry_points, row.next_expiry_at) {
+                (Some(points), Some(at)) if points > 0 => Some(PointsExpiry { points, at }),
+                _ => None,
+            },
         }
     }
 }

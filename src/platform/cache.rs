@@ -32,7 +32,7 @@ use rand::RngCore;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::Error;
-use crate::platform::account::AccountState;
+use crate::platform::account::{AccountState, PointsExpiry};
 use crate::platform::caller::MerchantId;
 use crate::telemetry::Metrics;
 
@@ -49,10 +49,16 @@ if current and tonumber(current) >= tonumber(ARGV[1]) then
   return 0
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'a', ARGV[2], 'p', ARGV[3], 'le', ARGV[4],
-           'lr', ARGV[5], 'pc', ARGV[6])
+           'lr', ARGV[5], 'pc', ARGV[6], 'xp', ARGV[8], 'xa', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
 ";
+
+/// The next expiry as cached: 0 points stands for none.
+fn next_expiry_of(points: i64, at_micros: i64) -> Option<PointsExpiry> {
+    let at = chrono::DateTime::from_timestamp_micros(at_micros)?;
+    (points > 0).then_some(PointsExpiry { points, at })
+}
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -208,7 +214,7 @@ impl Cache {
         pipe.cmd("CLIENT").arg("GETNAME");
         pipe.cmd("HMGET")
             .arg(&key)
-            .arg(&["v", "a", "p", "le", "lr", "pc"]);
+            .arg(&["v", "a", "p", "le", "lr", "pc", "xp", "xa"]);
         let reply = tokio::time::timeout(
             inner.config.timeout,
             pipe.query_async::<(Option<String>, Vec<Option<i64>>)>(&mut conn),
@@ -228,6 +234,9 @@ impl Cache {
                     Some(le),
                     Some(lr),
                     Some(pc),
+                    // An entry without them (written before expiry existed) is a miss.
+                    Some(expiring_points),
+                    Some(expires_at_micros),
                 ] => {
                     inner.metrics.cache_op("get", "hit");
                     CacheRead::Hit(AccountState {
@@ -237,6 +246,7 @@ impl Cache {
                         lifetime_redeemed: lr,
                         purchase_count: pc,
                         version,
+                        next_expiry: next_expiry_of(expiring_points, expires_at_micros),
                     })
                 }
                 _ => {
@@ -287,7 +297,9 @@ impl Cache {
             .arg(state.lifetime_earned)
             .arg(state.lifetime_redeemed)
             .arg(state.purchase_count)
-            .arg(inner.config.ttl.as_millis() as u64);
+            .arg(inner.config.ttl.as_millis() as u64)
+            .arg(state.next_expiry.map_or(0, |e| e.points))
+            .arg(state.next_expiry.map_or(0, |e| e.at.timestamp_micros()));
         let reply = tokio::time::timeout(
             inner.config.timeout,
             pipe.query_async::<(Option<String>, i64)>(&mut conn),

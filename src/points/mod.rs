@@ -7,17 +7,18 @@
 //! Data flows one way: grpc → use cases → (rules, store).
 
 mod grpc;
+pub mod lifecycle;
 pub mod rules;
 pub mod sql;
 mod store;
-mod use_cases;
+pub mod use_cases;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
-pub use grpc::{balance_message, ledger_page_message};
+pub use grpc::{balance_message, expiry_message, ledger_page_message};
 pub use use_cases::LedgerPage;
 
 use crate::pb::checkout_service_server::{CheckoutServiceServer, SERVICE_NAME};
@@ -34,6 +35,11 @@ pub const DECLARATION: Declaration = Declaration {
     methods: &[
         Method::unary("QuotePurchase", POS),
         Method::unary("RecordPurchase", POS),
+        Method::unary("RedeemPoints", POS),
+        Method::unary("ReservePoints", POS),
+        Method::unary("CommitReservation", POS),
+        Method::unary("ReleaseReservation", POS),
+        Method::unary("ReturnPurchase", POS),
     ],
 };
 

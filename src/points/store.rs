@@ -1,6 +1,8 @@
 //! The SQL of points: recording a purchase in one atomic statement, the lookup that answers
 //! retries, the checkout context, enrolment on a first purchase and the ledger pages.
 
+pub mod lifecycle;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
@@ -8,7 +10,9 @@ use crate::error::Error;
 use crate::platform::account::{AccountRow, AccountState};
 use crate::platform::caller::MerchantId;
 use crate::platform::store::{db_error, violated_unique_constraint};
+use crate::points::rules::earn::Earn;
 use crate::points::rules::ledger::{EntryKind, LedgerEntry, PageRequest};
+use crate::points::rules::lots::LotTerms;
 use crate::points::rules::purchase::Purchase;
 use crate::points::sql;
 
@@ -26,8 +30,10 @@ pub async fn record(
     merchant: MerchantId,
     customer_id: i64,
     purchase: &Purchase,
-    points: i64,
+    earned: &Earn,
+    lot: &LotTerms,
 ) -> Result<RecordOutcome, Error> {
+    let points = earned.points;
     let basket = &purchase.basket;
     let count = basket.lines.len();
     let mut line_no = Vec::with_capacity(count);
@@ -57,6 +63,12 @@ pub async fn record(
         .bind(category)
         .bind(quantity)
         .bind(amount)
+        .bind(&earned.line_points)
+        .bind(lot.spendable_now)
+        .bind(lot.available_at)
+        .bind(lot.expires_at.unwrap_or(basket.occurred_at))
+        .bind(lot.expires_at.is_some())
+        .bind(lot.extends_open_lots)
         .fetch_optional(conn)
         .await;
     match result {
@@ -120,6 +132,8 @@ pub async fn find(
             lifetime_redeemed: r.lifetime_redeemed_after,
             purchase_count: r.purchase_count_after,
             version: r.version_after,
+            // Receipts answer with the balance only; GetBalance reads the expiry.
+            next_expiry: None,
         },
     }))
 }

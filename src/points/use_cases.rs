@@ -15,11 +15,20 @@ use crate::points::Points;
 use crate::points::rules::PurchaseReceipt;
 use crate::points::rules::earn::{self, Earn};
 use crate::points::rules::ledger::{self, LedgerEntry, PageRequest};
+use crate::points::rules::lots::LotTerms;
 use crate::points::rules::purchase::{Basket, Purchase, Quote};
 use crate::points::store::{self, RecordOutcome, StoredPurchase};
 use crate::programs;
 use crate::programs::rules::Program;
 use std::sync::Arc;
+
+/// A quote: what the basket earns and what the customer could spend on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quoted {
+    pub earn: Earn,
+    pub redeemable_points: i64,
+    pub redeemable_discount_minor: i64,
+}
 
 /// One page of a customer's ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +38,9 @@ pub struct LedgerPage {
 }
 
 impl Points {
-    /// The points a basket would earn now. Reads the program, writes nothing.
-    pub async fn quote_purchase(&self, caller: &Caller, quote: &Quote) -> Result<Earn, Error> {
+    /// The points a basket would earn now, and (for a known customer) what they could spend
+    /// on it. Reads the program, writes nothing.
+    pub async fn quote_purchase(&self, caller: &Caller, quote: &Quote) -> Result<Quoted, Error> {
         let mut conn = self.store.acquire().await?;
         let version = programs::store::version(&mut conn, caller.merchant)
             .await?
@@ -43,8 +53,27 @@ impl Points {
             .rules
             .receipt_age
             .earning_instant(quote.basket.occurred_at, self.clock.now())?;
-        self.earn_off_workers(caller.merchant, program, &quote.basket, at)
-            .await
+        let available = match &quote.external_id {
+            Some(external_id) => account::load(&mut conn, caller.merchant, external_id)
+                .await?
+                .map_or(0, |a| a.available),
+            None => 0,
+        };
+        drop(conn);
+        let rules = &program.rules;
+        let redemption = rules.lifecycle.redemption;
+        let redeemable_points =
+            redemption.redeemable_points(quote.basket.total_minor, available, rules.currency);
+        let redeemable_discount_minor =
+            redemption.discount_minor(redeemable_points, rules.currency);
+        let earn = self
+            .earn_off_workers(caller.merchant, program, &quote.basket, at)
+            .await?;
+        Ok(Quoted {
+            earn,
+            redeemable_points,
+            redeemable_discount_minor,
+        })
     }
 
     /// Records a purchase and earns its points, at most once per `purchase_id`.
@@ -79,6 +108,7 @@ impl Points {
             .get(&mut conn, merchant, program_version)
             .await?;
         let basket = &purchase.basket;
+        let lifecycle = program.rules.lifecycle;
         let at = program
             .rules
             .receipt_age
@@ -103,9 +133,10 @@ impl Points {
             }
         };
 
+        let lot = LotTerms::of_purchase(&lifecycle, basket.occurred_at, self.clock.now());
         let outcome = match customer_id {
             Some(customer_id) => {
-                store::record(&mut conn, merchant, customer_id, purchase, earned.points).await?
+                store::record(&mut conn, merchant, customer_id, purchase, &earned, &lot).await?
             }
             None => {
                 // A new customer: enrolled in the transaction of their first purchase.
@@ -113,7 +144,7 @@ impl Points {
                 let customer_id =
                     store::enroll_on_purchase(&mut tx, merchant, &purchase.external_id).await?;
                 let outcome =
-                    store::record(&mut tx, merchant, customer_id, purchase, earned.points).await?;
+                    store::record(&mut tx, merchant, customer_id, purchase, &earned, &lot).await?;
                 match outcome {
                     RecordOutcome::Recorded(_) => commit(tx).await?,
                     RecordOutcome::AlreadyTaken => tx.rollback().await.map_err(db_error)?,

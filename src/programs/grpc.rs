@@ -5,7 +5,10 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::pb::{self, program_service_server::ProgramService};
 use crate::platform::proto::{caller, optional_datetime, timestamp};
+use crate::points::rules::requests::Adjustment;
+use crate::points::{self, Points};
 use crate::programs::Programs;
+use crate::programs::lifecycle::{ExpiryPolicy, Lifecycle, RedemptionRule, ReturnPolicy};
 use crate::programs::rules::{
     CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput, ProgramRules,
     PromotionInput,
@@ -13,6 +16,8 @@ use crate::programs::rules::{
 
 pub struct ProgramApi {
     pub programs: Programs,
+    /// AdjustPoints is a points use case, answered here because admins find it here.
+    pub points: Points,
 }
 
 #[tonic::async_trait]
@@ -46,10 +51,26 @@ impl ProgramService for ProgramApi {
             program: Some(program_message(program)),
         }))
     }
+
+    async fn adjust_points(
+        &self,
+        request: Request<pb::AdjustPointsRequest>,
+    ) -> Result<Response<pb::AdjustPointsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let adjustment = Adjustment::parse(&r.external_id, &r.adjustment_key, r.points, &r.reason)?;
+        let adjusted = self.points.adjust(&caller, adjustment).await?;
+        Ok(Response::new(pb::AdjustPointsResponse {
+            adjustment_key: r.adjustment_key,
+            points: adjusted.points,
+            balance: Some(points::balance_message(&adjusted.account)),
+        }))
+    }
 }
 
 fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     let program = program.ok_or_else(|| Error::invalid("program", "is required"))?;
+    let lifecycle = lifecycle_input(&program)?;
     let mut promotions = Vec::with_capacity(program.promotions.len());
     for (i, p) in program.promotions.into_iter().enumerate() {
         promotions.push(PromotionInput {
@@ -78,6 +99,7 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
         }
     };
     Ok(ProgramInput {
+        lifecycle,
         max_receipt_age_days: program.max_receipt_age_days,
         old_receipts,
         currency: program.currency,
@@ -98,9 +120,84 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     })
 }
 
+/// The lifecycle settings of a program message, with the proto's defaults applied (bounds are
+/// checked by `Lifecycle::check`).
+fn lifecycle_input(program: &pb::Program) -> Result<Lifecycle, Error> {
+    let expiry = match &program.expiry {
+        None => ExpiryPolicy::Never,
+        Some(e) => match pb::ExpiryKind::try_from(e.kind) {
+            Ok(pb::ExpiryKind::Unspecified | pb::ExpiryKind::Never) => ExpiryPolicy::Never,
+            Ok(pb::ExpiryKind::MonthsAfterEarning) => ExpiryPolicy::MonthsAfterEarning(e.months),
+            Ok(pb::ExpiryKind::EndOfMonthAfter) => ExpiryPolicy::EndOfMonthAfter(e.months),
+            Ok(pb::ExpiryKind::MonthsWithoutPurchase) => {
+                ExpiryPolicy::MonthsWithoutPurchase(e.months)
+            }
+            Err(_) => {
+                return Err(Error::invalid(
+                    "program.expiry.kind",
+                    "is not a known ExpiryKind",
+                ));
+            }
+        },
+    };
+    let defaults = RedemptionRule::default();
+    let redemption = match &program.redemption {
+        None => defaults,
+        Some(r) => RedemptionRule {
+            points_per_unit: match r.points_per_unit {
+                0 => defaults.points_per_unit,
+                n => n,
+            },
+            minimum_points: r.minimum_points,
+            max_share_bp: r.max_share_bp.unwrap_or(defaults.max_share_bp),
+        },
+    };
+    let returns = match pb::ReturnPolicy::try_from(program.return_policy) {
+        Ok(pb::ReturnPolicy::Unspecified | pb::ReturnPolicy::Debt) => ReturnPolicy::Debt,
+        Ok(pb::ReturnPolicy::CapAtBalance) => ReturnPolicy::CapAtBalance,
+        Err(_) => {
+            return Err(Error::invalid(
+                "program.return_policy",
+                "is not a known ReturnPolicy",
+            ));
+        }
+    };
+    Ok(Lifecycle {
+        pending_days: program.pending_days,
+        expiry,
+        redemption,
+        returns,
+    })
+}
+
+fn expiry_message(expiry: ExpiryPolicy) -> pb::ExpiryPolicy {
+    let (kind, months) = match expiry {
+        ExpiryPolicy::Never => (pb::ExpiryKind::Never, 0),
+        ExpiryPolicy::MonthsAfterEarning(m) => (pb::ExpiryKind::MonthsAfterEarning, m),
+        ExpiryPolicy::EndOfMonthAfter(m) => (pb::ExpiryKind::EndOfMonthAfter, m),
+        ExpiryPolicy::MonthsWithoutPurchase(m) => (pb::ExpiryKind::MonthsWithoutPurchase, m),
+    };
+    pb::ExpiryPolicy {
+        kind: kind as i32,
+        months,
+    }
+}
+
 fn program_message(program: Program) -> pb::Program {
     let rules = program.rules;
+    let lifecycle = rules.lifecycle;
     pb::Program {
+        pending_days: lifecycle.pending_days,
+        expiry: Some(expiry_message(lifecycle.expiry)),
+        redemption: Some(pb::RedemptionRule {
+            points_per_unit: lifecycle.redemption.points_per_unit,
+            minimum_points: lifecycle.redemption.minimum_points,
+            max_share_bp: Some(lifecycle.redemption.max_share_bp),
+        }),
+        return_policy: match lifecycle.returns {
+            ReturnPolicy::Debt => pb::ReturnPolicy::Debt,
+            ReturnPolicy::CapAtBalance => pb::ReturnPolicy::CapAtBalance,
+        } as i32,
         currency: rules.currency.code().to_string(),
         earn_rate: Some(pb::EarnRate {
             points: rules.earn_rate.points,

@@ -3,6 +3,7 @@
 //! checkout keeps an in-memory copy per merchant ([`ProgramCache`]).
 
 mod grpc;
+pub mod lifecycle;
 pub mod rules;
 pub mod store;
 mod use_cases;
@@ -19,6 +20,7 @@ pub const DECLARATION: Declaration = Declaration {
     methods: &[
         Method::unary("GetProgram", ADMIN),
         Method::unary("UpdateProgram", ADMIN),
+        Method::unary("AdjustPoints", ADMIN),
     ],
 };
 
@@ -42,6 +44,7 @@ impl Programs {
 pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::ProgramApi {
         programs: Programs::new(parts, programs),
+        points: crate::points::Points::new(parts, programs),
     };
     Service::new(
         DECLARATION,

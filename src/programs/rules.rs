@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::platform::money::{self, Currency};
 use crate::platform::validation::Invalid;
 use crate::platform::validation::{self, Violations};
+use crate::programs::lifecycle::Lifecycle;
 
 /// 1x, in basis points.
 pub const BASE_MULTIPLIER_BP: u32 = 10_000;
@@ -169,6 +170,8 @@ pub struct ProgramRules {
     pub category_multipliers: BTreeMap<String, u32>,
     pub promotions: Vec<Promotion>,
     pub receipt_age: ReceiptAge,
+    /// Pending period, expiry, redemption and returns.
+    pub lifecycle: Lifecycle,
 }
 
 impl ProgramRules {
@@ -184,6 +187,7 @@ impl ProgramRules {
             category_multipliers: BTreeMap::new(),
             promotions: Vec::new(),
             receipt_age: ReceiptAge::default(),
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -235,6 +239,8 @@ pub struct ProgramInput {
     pub max_receipt_age_days: u32,
     /// `None` means the default (refuse).
     pub old_receipts: Option<OldReceipts>,
+    /// Checked by `parse` (its proto defaults already applied).
+    pub lifecycle: Lifecycle,
 }
 
 impl ProgramRules {
@@ -400,6 +406,7 @@ impl ProgramRules {
             max_days,
             older: input.old_receipts.unwrap_or(OldReceipts::Refuse),
         };
+        input.lifecycle.check(&mut v);
 
         match (currency, earn_rate, minimum) {
             (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
@@ -410,6 +417,7 @@ impl ProgramRules {
                     category_multipliers,
                     promotions,
                     receipt_age,
+                    lifecycle: input.lifecycle,
                 })
             }
             _ => Err(v.into_error()),
@@ -439,6 +447,7 @@ mod tests {
             promotions: vec![],
             max_receipt_age_days: 0,
             old_receipts: None,
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -514,6 +523,7 @@ mod tests {
             ],
             max_receipt_age_days: MAX_RECEIPT_AGE_DAYS + 1,
             old_receipts: None,
+            lifecycle: Lifecycle::default(),
         };
         assert_eq!(
             fields(ProgramRules::parse(program)),

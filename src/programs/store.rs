@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
+use crate::programs::lifecycle::Lifecycle;
 use crate::programs::rules::{
     EarnRate, OldReceipts, Program, ProgramRules, Promotion, PromotionIndex, ReceiptAge,
 };
@@ -25,6 +26,7 @@ struct ProgramRow {
     promotions: Json<Vec<Promotion>>,
     max_receipt_age_days: i32,
     old_receipts: String,
+    lifecycle: Json<Lifecycle>,
     version: i64,
     updated_at: DateTime<Utc>,
 }
@@ -56,6 +58,7 @@ impl ProgramRow {
                     max_days: self.max_receipt_age_days as u32,
                     older,
                 },
+                lifecycle: self.lifecycle.0,
             },
             version: self.version,
             updated_at: self.updated_at,
@@ -65,8 +68,8 @@ impl ProgramRow {
 
 const SELECT_PROGRAM: &str =
     "SELECT currency, earn_points, earn_currency_units, minimum_purchase_minor,
-        category_multipliers, promotions, max_receipt_age_days, old_receipts, version,
-        updated_at
+        category_multipliers, promotions, max_receipt_age_days, old_receipts, lifecycle,
+        version, updated_at
    FROM programs
   WHERE merchant_id = $1";
 
@@ -96,8 +99,8 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO programs (merchant_id, currency, earn_points, earn_currency_units,
                                minimum_purchase_minor, category_multipliers, promotions,
-                               max_receipt_age_days, old_receipts)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                               max_receipt_age_days, old_receipts, lifecycle)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -108,6 +111,7 @@ pub async fn insert(
     .bind(Json(&rules.promotions))
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
+    .bind(Json(&rules.lifecycle))
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -157,12 +161,12 @@ pub async fn replace(
         "UPDATE programs
             SET currency = $2, earn_points = $3, earn_currency_units = $4,
                 minimum_purchase_minor = $5, category_multipliers = $6, promotions = $7,
-                max_receipt_age_days = $8, old_receipts = $9,
+                max_receipt_age_days = $8, old_receipts = $9, lifecycle = $10,
                 version = version + 1, updated_at = now()
           WHERE merchant_id = $1
       RETURNING currency, earn_points, earn_currency_units, minimum_purchase_minor,
-                category_multipliers, promotions, max_receipt_age_days, old_receipts, version,
-                updated_at",
+                category_multipliers, promotions, max_receipt_age_days, old_receipts,
+                lifecycle, version, updated_at",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -173,6 +177,7 @@ pub async fn replace(
     .bind(Json(&rules.promotions))
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
+    .bind(Json(&rules.lifecycle))
     .fetch_one(conn)
     .await
     .map_err(db_error)?;

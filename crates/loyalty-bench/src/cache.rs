@@ -93,6 +93,7 @@ pub async fn warm(
                         lifetime_redeemed: row.lifetime_redeemed,
                         purchase_count: row.purchase_count,
                         version: row.version,
+                        next_expiry: None,
                     };
                     cache.put(merchant, &row.external_id, &state).await
                 }

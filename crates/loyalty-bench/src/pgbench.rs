@@ -25,7 +25,7 @@ const CONTEXT_PARAMS: [&str; 2] = ["merchant_id", "external_id"];
 
 /// The pgbench variable of each `$n` of `RECORD_PURCHASE` (the names of its header comment).
 /// `customer_id` comes from the context query through `\gset`, as the service takes it.
-const RECORD_PARAMS: [&str; 14] = [
+const RECORD_PARAMS: [&str; 20] = [
     "merchant_id",
     "customer_id",
     "purchase_id",
@@ -40,6 +40,12 @@ const RECORD_PARAMS: [&str; 14] = [
     "category",
     "quantity",
     "amount_minor",
+    "line_points",
+    "spendable_now",
+    "available_at",
+    "expires_at",
+    "expires",
+    "extends",
 ];
 
 /// The pgbench script of one RecordPurchase.
@@ -105,7 +111,7 @@ fn defines(merchant: MerchantId, customers: u64) -> Vec<(&'static str, String)> 
         ("merchant_id", merchant.0.to_string()),
         ("customers", customers.to_string()),
         ("store_id", "store-7".into()),
-        ("occurred_at", occurred_at),
+        ("occurred_at", occurred_at.clone()),
         ("currency", CURRENCY.into()),
         ("total_minor", "670".into()),
         // A 32-byte request hash, as a bytea hex literal.
@@ -116,6 +122,13 @@ fn defines(merchant: MerchantId, customers: u64) -> Vec<(&'static str, String)> 
         ("category", "{coffee,bakery}".into()),
         ("quantity", "{1,1}".into()),
         ("amount_minor", "{420,250}".into()),
+        ("line_points", "{4,2}".into()),
+        // The bench's program: no pending period, points never expire.
+        ("spendable_now", "true".into()),
+        ("available_at", occurred_at.clone()),
+        ("expires_at", occurred_at.clone()),
+        ("expires", "false".into()),
+        ("extends", "false".into()),
     ]
 }
 

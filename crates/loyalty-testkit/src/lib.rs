@@ -310,6 +310,9 @@ pub struct Options {
     /// How long one Redis operation may take before the cache counts as down.
     pub cache_timeout: Duration,
     pub health_interval: Duration,
+    /// The background points sweep; `None` (the default) leaves it to the test, which runs
+    /// passes by hand through `TestApp::points`.
+    pub sweep_interval: Option<Duration>,
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
     pub db_acquire_timeout: Duration,
@@ -367,6 +370,7 @@ impl Default for Options {
             key_cache_ttl: Duration::from_millis(200),
             cache_timeout: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
+            sweep_interval: None,
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
@@ -426,6 +430,8 @@ pub struct TestApp {
     pub publisher: Publisher,
     pub metrics: Metrics,
     pub store: Store,
+    /// The server's points use cases (a test runs sweep passes by hand).
+    pub points: loyalty::points::Points,
     pub pool: PgPool,
     pub key_prefix: String,
     stop: Option<oneshot::Sender<()>>,
@@ -490,6 +496,7 @@ impl TestApp {
             request_timeout: options.request_timeout,
             max_message_bytes: options.max_message_bytes,
             health_interval: options.health_interval,
+            sweep_interval: options.sweep_interval,
             shutdown_grace: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
             migrate: true,
@@ -508,6 +515,7 @@ impl TestApp {
         let publisher = app.publisher().clone();
         let metrics = app.metrics().clone();
         let store = app.store().clone();
+        let points = app.points();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -521,6 +529,7 @@ impl TestApp {
             publisher,
             metrics,
             store,
+            points,
             pool,
             key_prefix,
             stop: Some(stop),
@@ -715,6 +724,32 @@ impl TestApp {
         assert!(
             broken.is_empty(),
             "accounts disagree with their ledger: {broken:?}"
+        );
+        self.assert_lots_invariant().await;
+    }
+
+    /// Checks that every account agrees with its lots: spendable lots hold exactly the
+    /// available points (none while a return's debt is open), pending lots the pending
+    /// points, and the debt is exactly what available is below zero.
+    pub async fn assert_lots_invariant(&self) {
+        let broken: Vec<(i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT a.customer_id, a.available, a.pending, a.debt,
+                    COALESCE(sum(l.remaining) FILTER (WHERE l.matured), 0)::bigint AS spendable,
+                    COALESCE(sum(l.remaining) FILTER (WHERE NOT l.matured), 0)::bigint AS held
+               FROM accounts a
+               LEFT JOIN point_lots l ON l.merchant_id = a.merchant_id AND l.customer_id = a.customer_id
+              GROUP BY a.merchant_id, a.customer_id, a.available, a.pending, a.debt
+             HAVING greatest(a.available, 0) <> COALESCE(sum(l.remaining) FILTER (WHERE l.matured), 0)
+                 OR a.pending <> COALESCE(sum(l.remaining) FILTER (WHERE NOT l.matured), 0)
+                 OR a.debt <> greatest(-a.available, 0)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert!(
+            broken.is_empty(),
+            "accounts disagree with their lots (customer, available, pending, debt, spendable \
+             lots, pending lots): {broken:?}"
         );
     }
 }

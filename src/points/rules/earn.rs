@@ -32,6 +32,10 @@ pub struct Earn {
     pub eligible: bool,
     /// Promotions chosen for at least one line, in program order.
     pub applied_promotion_ids: Vec<String>,
+    /// Each line's share of `points` (they add up to it exactly), stored with the purchase so
+    /// that a return takes back what the returned line earned. Empty for a basket without
+    /// lines.
+    pub line_points: Vec<i64>,
 }
 
 /// What the basket earns under a loaded program (its promotion index built already), with
@@ -69,12 +73,13 @@ fn earn_indexed(
             points: 0,
             eligible: false,
             applied_promotion_ids: Vec::new(),
+            line_points: vec![0; basket.lines.len()],
         });
     }
 
     let mut applied = vec![false; rules.promotions.len()];
-    let mut weighted: i128 = 0; // minor units × bp × bp
-    let mut add = |category: &str, amount_minor: i64| {
+    let mut weights: Vec<i128> = Vec::with_capacity(basket.lines.len().max(1));
+    let mut weigh = |category: &str, amount_minor: i64| {
         let best = best_promotion(&rules.promotions, index.candidates(category), at);
         let promotion_bp = match best {
             Some(index) => {
@@ -83,17 +88,21 @@ fn earn_indexed(
             }
             None => BASE_MULTIPLIER_BP,
         };
-        weighted += i128::from(amount_minor)
-            * i128::from(rules.category_multiplier_bp(category))
-            * i128::from(promotion_bp);
+        // minor units × bp × bp
+        weights.push(
+            i128::from(amount_minor)
+                * i128::from(rules.category_multiplier_bp(category))
+                * i128::from(promotion_bp),
+        );
     };
     if basket.lines.is_empty() {
-        add("", basket.total_minor);
+        weigh("", basket.total_minor);
     } else {
         for line in &basket.lines {
-            add(&line.category, line.amount_minor);
+            weigh(&line.category, line.amount_minor);
         }
     }
+    let weighted: i128 = weights.iter().sum();
 
     let bp = i128::from(BASE_MULTIPLIER_BP);
     let numerator = weighted * i128::from(rules.earn_rate.points);
@@ -116,11 +125,51 @@ fn earn_indexed(
         .filter(|(_, used)| *used)
         .map(|(promotion, _)| promotion.id.clone())
         .collect();
+    let line_points = if basket.lines.is_empty() {
+        Vec::new()
+    } else {
+        shares(points, &weights)
+    };
     Ok(Earn {
         points,
         eligible: true,
         applied_promotion_ids,
+        line_points,
     })
+}
+
+/// Splits `points` over lines in proportion to their weights, exactly: each line gets the
+/// floor of its share, and the points that rounding left over go one each to the lines with
+/// the largest remainders (the first line on a tie). Nothing is lost or made up.
+pub fn shares(points: i64, weights: &[i128]) -> Vec<i64> {
+    let total: i128 = weights.iter().sum();
+    if total <= 0 || points <= 0 || weights.iter().any(|w| *w < 0) {
+        return vec![0; weights.len()];
+    }
+    let points = i128::from(points);
+    // points × weight must fit in 128 bits (weights reach 10^26, points 10^15): drop low bits
+    // of the weights where needed. The split stays exact; only its proportions round.
+    let mut shift = 0;
+    while (total >> shift) > i128::MAX / points {
+        shift += 1;
+    }
+    let weights: Vec<i128> = weights.iter().map(|w| w >> shift).collect();
+    let total: i128 = weights.iter().sum();
+    let mut shares: Vec<i64> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(i128, usize)> = Vec::with_capacity(weights.len());
+    let mut given: i128 = 0;
+    for (i, weight) in weights.iter().enumerate() {
+        let exact = points * weight;
+        let share = exact / total;
+        given += share;
+        shares.push(share as i64);
+        remainders.push((exact % total, i));
+    }
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in remainders.into_iter().take((points - given) as usize) {
+        shares[i] += 1;
+    }
+    shares
 }
 
 /// The promotion with the highest multiplier among the line's candidates that are running at
@@ -415,5 +464,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn line_shares_add_up_to_the_points_exactly() {
+        assert_eq!(shares(10, &[1, 1, 1]), [4, 3, 3]);
+        assert_eq!(shares(7, &[300, 100]), [5, 2]);
+        assert_eq!(shares(0, &[5, 5]), [0, 0]);
+        assert_eq!(shares(5, &[0, 0]), [0, 0]);
+        assert_eq!(shares(5, &[0, 3]), [0, 5]);
+        // Extreme weights (10^26) and points (10^15) neither overflow nor lose a point.
+        let huge = 10_i128.pow(26);
+        let split = shares(MAX_POINTS_PER_PURCHASE, &[huge, huge / 3, 7]);
+        assert_eq!(split.iter().sum::<i64>(), MAX_POINTS_PER_PURCHASE);
+        assert!(split[0] > split[1] && split[1] > split[2]);
+    }
+
+    #[test]
+    fn each_line_earns_its_share_of_the_rounded_purchase() {
+        let mut rules = rules();
+        rules.category_multipliers.insert("coffee".into(), 15_000);
+        // 3.50 coffee at 1.5x = 5.25, 2.50 cake = 2.50: 7.75 → 7 points, split 5 / 2.
+        let earned = earn_under(&rules, &basket(&[("coffee", 350), ("cake", 250)])).unwrap();
+        assert_eq!(earned.points, 7);
+        assert_eq!(earned.line_points, [5, 2]);
+        let none = earn_under(&rules, &basket(&[])).unwrap();
+        assert!(none.line_points.is_empty());
     }
 }

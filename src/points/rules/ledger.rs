@@ -19,6 +19,8 @@ pub enum EntryKind {
     Expire,
     Adjust,
     Bonus,
+    /// Points spent on a purchase that was returned, given back.
+    RedeemRefund,
 }
 
 impl EntryKind {
@@ -33,6 +35,7 @@ impl EntryKind {
             EntryKind::Expire => "expire",
             EntryKind::Adjust => "adjust",
             EntryKind::Bonus => "bonus",
+            EntryKind::RedeemRefund => "redeem_refund",
         }
     }
 
@@ -46,6 +49,7 @@ impl EntryKind {
             "expire" => EntryKind::Expire,
             "adjust" => EntryKind::Adjust,
             "bonus" => EntryKind::Bonus,
+            "redeem_refund" => EntryKind::RedeemRefund,
             _ => return None,
         })
     }
@@ -123,6 +127,7 @@ mod tests {
             EntryKind::Expire,
             EntryKind::Adjust,
             EntryKind::Bonus,
+            EntryKind::RedeemRefund,
         ] {
             assert_eq!(EntryKind::parse(kind.as_str()), Some(kind));
         }

@@ -3,7 +3,9 @@
 
 pub mod earn;
 pub mod ledger;
+pub mod lots;
 pub mod purchase;
+pub mod requests;
 
 use crate::platform::account::AccountState;
 

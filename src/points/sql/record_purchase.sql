@@ -3,7 +3,16 @@
 --
 -- $1 merchant_id, $2 customer_id, $3 purchase_id, $4 store_id, $5 occurred_at, $6 currency,
 -- $7 total_minor, $8 request_hash, $9 points, $10..$14 the lines as parallel arrays
--- (line_no, sku, category, quantity, amount_minor).
+-- (line_no, sku, category, quantity, amount_minor), $15 each line's share of the points,
+-- $16 spendable_now (no pending period left: the points go to available, else pending),
+-- $17 available_at, $18 expires_at of the purchase's lot, $19 expires ($18 applies; false:
+-- never), $20 extends (the program counts months without a purchase: every open lot now
+-- expires no sooner than $18).
+--
+-- The purchase's points become a lot. Points that go straight to available repay a return's
+-- debt first: the lot keeps only what is left after it (greatest(0, least(points,
+-- available after))). The statement also returns the account's next expiry, computed from
+-- the lots as they are after it (a statement's CTEs all read the snapshot from before it).
 --
 -- Returns the account after the purchase, or no row when the purchase_id is already taken
 -- (or the program's currency is no longer the purchase's).
@@ -25,7 +34,9 @@ WITH program AS (
        FOR KEY SHARE
 ), account AS (
     UPDATE accounts
-       SET available        = available + $9,
+       SET available        = available + CASE WHEN $16 THEN $9 ELSE 0 END,
+           pending          = pending + CASE WHEN $16 THEN 0 ELSE $9 END,
+           debt             = CASE WHEN $16 THEN greatest(0, -(available + $9)) ELSE debt END,
            lifetime_earned  = lifetime_earned + $9,
            purchase_count   = purchase_count + 1,
            last_purchase_at = GREATEST(last_purchase_at, $5),
@@ -47,15 +58,47 @@ WITH program AS (
       FROM account
  RETURNING purchase_id
 ), lines AS (
-    INSERT INTO purchase_lines (merchant_id, purchase_id, line_no, sku, category, quantity, amount_minor)
-    SELECT $1, purchase.purchase_id, l.line_no, l.sku, l.category, l.quantity, l.amount_minor
+    INSERT INTO purchase_lines (merchant_id, purchase_id, line_no, sku, category, quantity, amount_minor, points)
+    SELECT $1, purchase.purchase_id, l.line_no, l.sku, l.category, l.quantity, l.amount_minor, l.points
       FROM purchase,
-           unnest($10::int[], $11::text[], $12::text[], $13::int[], $14::bigint[])
-               AS l (line_no, sku, category, quantity, amount_minor)
+           unnest($10::int[], $11::text[], $12::text[], $13::int[], $14::bigint[], $15::bigint[])
+               AS l (line_no, sku, category, quantity, amount_minor, points)
 ), entry AS (
     INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference, occurred_at)
     SELECT $1, $2, version, 'earn', $9, $3, $5
       FROM account
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, $2, 'earn', $3, $9,
+           CASE WHEN $16 THEN greatest(0, least($9, available)) ELSE $9 END,
+           $5, $17, $16, CASE WHEN $19 THEN $18::timestamptz END
+      FROM account
+     WHERE $9 > 0
+ RETURNING remaining, matured, expires_at
+), extended AS (
+    UPDATE point_lots
+       SET expires_at = greatest(expires_at, $18)
+     WHERE $20 AND merchant_id = $1 AND customer_id = $2 AND remaining > 0
+       AND expires_at IS NOT NULL
+       AND EXISTS (SELECT 1 FROM account)
+), next_expiry AS (
+    SELECT e.expires_at, sum(e.remaining)::bigint AS points
+      FROM (SELECT CASE WHEN $20 THEN greatest(l.expires_at, $18) ELSE l.expires_at END
+                       AS expires_at,
+                   l.remaining
+              FROM point_lots l
+             WHERE l.merchant_id = $1 AND l.customer_id = $2 AND l.remaining > 0
+               AND l.matured AND l.expires_at IS NOT NULL
+            UNION ALL
+            SELECT lot.expires_at, lot.remaining
+              FROM lot
+             WHERE lot.matured AND lot.remaining > 0 AND lot.expires_at IS NOT NULL) e
+     GROUP BY e.expires_at
+     ORDER BY e.expires_at
+     LIMIT 1
 )
-SELECT available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version
-  FROM account
+SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
+       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at
+  FROM account a
+  LEFT JOIN next_expiry n ON true

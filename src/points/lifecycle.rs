@@ -1,0 +1,1067 @@
+//! The use cases of the points lifecycle: redeeming, holding (and committing or releasing),
+//! returning, adjusting, and the sweep that matures and expires lots and releases holds.
+//!
+//! Every write runs in one transaction that first locks the customer's account row, then
+//! its lots, then its own row (the one lock order of `store::lifecycle`). Each is idempotent
+//! by its client key: a replay gets the stored answer, the same key with other content is
+//! ALREADY_EXISTS. Each runs to its end even if the request is abandoned (`detach`), and
+//! publishes the committed account through the versioned cache path.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+use crate::error::Error;
+use crate::platform::account::AccountState;
+use crate::platform::audit;
+use crate::platform::caller::{Caller, MerchantId};
+use crate::platform::detach::detach;
+use crate::platform::store::commit;
+use crate::platform::validation::Invalid;
+use crate::points::Points;
+use crate::points::rules::earn::shares;
+use crate::points::rules::ledger::EntryKind;
+use crate::points::rules::lots::{
+    LotTerms, ReturnableLine, clawback_for, plan_clawback, refund_for, spread_amount,
+    take_soonest_expiring,
+};
+use crate::points::rules::requests::{Adjustment, Hold, Redemption, ReturnRequest, Returned};
+use crate::points::store::lifecycle::{
+    self as store, AccountChange, Entry, LockedAccount, OperationTable, ReservationRow, Stored,
+};
+use crate::programs;
+use crate::programs::lifecycle::ReturnPolicy;
+use crate::programs::rules::Program;
+
+/// The answer of a redemption (and what a replay gets back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spent {
+    pub points: i64,
+    pub discount_minor: i64,
+    pub account: AccountState,
+}
+
+/// The answer of a hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub points: i64,
+    pub discount_minor: i64,
+    pub expires_at: DateTime<Utc>,
+    pub account: AccountState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Settlement {
+    Committed,
+    Released,
+    /// Released by the sweep when the hold's ttl passed.
+    Expired,
+}
+
+impl Settlement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Settlement::Committed => "committed",
+            Settlement::Released => "released",
+            Settlement::Expired => "expired",
+        }
+    }
+}
+
+/// The answer of a commit or release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    pub status: Settlement,
+    pub points: i64,
+    pub discount_minor: i64,
+    pub account: AccountState,
+}
+
+/// The answer of a return.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReturnOutcome {
+    pub purchase_id: String,
+    pub external_id: String,
+    pub returned_minor: i64,
+    pub points_clawed_back: i64,
+    pub points_written_off: i64,
+    pub points_refunded: i64,
+    pub account: AccountState,
+}
+
+/// The answer of an adjustment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjusted {
+    pub points: i64,
+    pub account: AccountState,
+}
+
+/// What one sweep pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub holds_released: u64,
+    pub lots_matured: u64,
+    pub lots_expired: u64,
+    pub points_expired: i64,
+}
+
+/// The stored answer of a key, or ALREADY_EXISTS if the key was used for other content.
+fn replay<T>(stored: Stored<T>, fingerprint: [u8; 32], field: &str, key: &str) -> Result<T, Error> {
+    if stored.request_hash != fingerprint {
+        return Err(Error::AlreadyExists(format!(
+            "{field} {key:?} was already used with different content"
+        )));
+    }
+    Ok(stored.answer)
+}
+
+/// A debit must find its points in the lots; if they hold less than `available` says, the
+/// projection is broken and nothing is written.
+fn all_taken(takes: &[(i64, i64)], points: i64) -> Result<(), Error> {
+    let taken: i64 = takes.iter().map(|(_, p)| p).sum();
+    if taken != points {
+        return Err(Error::internal(format!(
+            "the lots hold {taken} of the {points} available points being spent"
+        )));
+    }
+    Ok(())
+}
+
+/// What of a credit of `points` stays in a lot: a negative balance (a return's debt) is
+/// repaid first.
+fn kept_after_debt(available: i64, points: i64) -> i64 {
+    (available + points).max(0) - available.max(0)
+}
+
+impl Points {
+    async fn program(
+        &self,
+        conn: &mut PgConnection,
+        merchant: MerchantId,
+    ) -> Result<Arc<Program>, Error> {
+        let version = programs::store::version(conn, merchant)
+            .await?
+            .ok_or(Error::NotFound("program"))?;
+        self.programs.get(conn, merchant, version).await
+    }
+
+    /// Spends points for a discount, soonest-expiring first.
+    pub async fn redeem(&self, caller: &Caller, redemption: Redemption) -> Result<Spent, Error> {
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move { points.redeem_attached(merchant, &redemption).await }).await
+    }
+
+    async fn redeem_attached(&self, merchant: MerchantId, r: &Redemption) -> Result<Spent, Error> {
+        let mut tx = self.store.begin().await?;
+        let program = self.program(&mut tx, merchant).await?;
+        let account = store::lock_account(&mut tx, merchant, &r.external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        let table = OperationTable::Redemptions;
+        if let Some(stored) =
+            store::find_operation(&mut tx, table, merchant, &r.redemption_id).await?
+        {
+            return replay(stored, r.fingerprint(), "redemption_id", &r.redemption_id);
+        }
+        let rule = program.rules.lifecycle.redemption;
+        check_minimum(r.points, rule.minimum_points)?;
+        let seq = self
+            .debit(
+                &mut tx,
+                merchant,
+                &account,
+                r.points,
+                EntryKind::Redeem,
+                &r.redemption_id,
+            )
+            .await?;
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: -r.points,
+                    lifetime_redeemed: r.points,
+                    versions: seq - account.version,
+                    debit: true,
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
+        let answer = Spent {
+            points: r.points,
+            discount_minor: rule.discount_minor(r.points, program.rules.currency),
+            account: state,
+        };
+        store::insert_redemption(
+            &mut tx,
+            merchant,
+            &store::RedemptionRow {
+                redemption_id: &r.redemption_id,
+                customer_id: account.customer_id,
+                points: r.points,
+                discount_minor: answer.discount_minor,
+                purchase_id: r.purchase_id.as_deref(),
+                request_hash: &r.fingerprint(),
+                answer: &answer,
+            },
+        )
+        .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &r.external_id, &state)
+            .await;
+        Ok(answer)
+    }
+
+    /// Holds points while the till takes payment.
+    pub async fn reserve(&self, caller: &Caller, hold: Hold) -> Result<Held, Error> {
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move { points.reserve_attached(merchant, &hold).await }).await
+    }
+
+    async fn reserve_attached(&self, merchant: MerchantId, h: &Hold) -> Result<Held, Error> {
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let program = self.program(&mut tx, merchant).await?;
+        let account = store::lock_account(&mut tx, merchant, &h.external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        let table = OperationTable::Reservations;
+        if let Some(stored) =
+            store::find_operation(&mut tx, table, merchant, &h.reservation_id).await?
+        {
+            return replay(stored, h.fingerprint(), "reservation_id", &h.reservation_id);
+        }
+        let rule = program.rules.lifecycle.redemption;
+        check_minimum(h.points, rule.minimum_points)?;
+        let seq = self
+            .debit(
+                &mut tx,
+                merchant,
+                &account,
+                h.points,
+                EntryKind::Reserve,
+                &h.reservation_id,
+            )
+            .await?;
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: -h.points,
+                    versions: 1,
+                    debit: true,
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
+        let answer = Held {
+            points: h.points,
+            discount_minor: rule.discount_minor(h.points, program.rules.currency),
+            expires_at: now + h.ttl,
+            account: state,
+        };
+        store::insert_reservation(
+            &mut tx,
+            merchant,
+            &store::HoldRow {
+                reservation_id: &h.reservation_id,
+                customer_id: account.customer_id,
+                points: h.points,
+                discount_minor: answer.discount_minor,
+                purchase_id: h.purchase_id.as_deref(),
+                request_hash: &h.fingerprint(),
+                expires_at: answer.expires_at,
+                hold_seq: seq,
+                answer: &answer,
+            },
+        )
+        .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &h.external_id, &state)
+            .await;
+        Ok(answer)
+    }
+
+    /// Turns a hold into a redemption, once.
+    pub async fn commit_reservation(
+        &self,
+        caller: &Caller,
+        reservation_id: String,
+    ) -> Result<Settled, Error> {
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move {
+            points
+                .settle(merchant, &reservation_id, Settlement::Committed)
+                .await
+        })
+        .await
+    }
+
+    /// Gives a hold back, once.
+    pub async fn release_reservation(
+        &self,
+        caller: &Caller,
+        reservation_id: String,
+    ) -> Result<Settled, Error> {
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move {
+            points
+                .settle(merchant, &reservation_id, Settlement::Released)
+                .await
+        })
+        .await
+    }
+
+    async fn settle(
+        &self,
+        merchant: MerchantId,
+        reservation_id: &str,
+        wanted: Settlement,
+    ) -> Result<Settled, Error> {
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let found = store::find_reservation(&mut tx, merchant, reservation_id)
+            .await?
+            .ok_or(Error::NotFound("reservation"))?;
+        let account = store::lock_account_by_id(&mut tx, merchant, found.customer_id, false)
+            .await?
+            .ok_or(Error::NotFound("reservation"))?;
+        let hold = store::lock_reservation(&mut tx, merchant, reservation_id)
+            .await?
+            .ok_or(Error::NotFound("reservation"))?;
+        match (hold.status.as_str(), wanted) {
+            ("held", Settlement::Committed) if hold.expires_at <= now => {
+                Err(Error::FailedPrecondition(format!(
+                    "reservation {reservation_id:?} expired at {}; its points are released \
+                     and it cannot be committed",
+                    hold.expires_at.to_rfc3339()
+                )))
+            }
+            ("held", _) => {
+                let settled = self
+                    .settle_held(
+                        &mut tx,
+                        merchant,
+                        &account,
+                        reservation_id,
+                        &hold,
+                        wanted,
+                        now,
+                    )
+                    .await?;
+                commit(tx).await?;
+                self.publisher
+                    .publish(merchant, &hold.external_id, &settled.account)
+                    .await;
+                Ok(settled)
+            }
+            ("committed", Settlement::Committed)
+            | ("released" | "expired", Settlement::Released) => stored_settlement(&hold),
+            (status, _) => Err(Error::FailedPrecondition(format!(
+                "reservation {reservation_id:?} is {status} already; it cannot be {}",
+                wanted.as_str()
+            ))),
+        }
+    }
+
+    /// Commits or releases a held reservation whose account and row the caller has locked.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_held(
+        &self,
+        conn: &mut PgConnection,
+        merchant: MerchantId,
+        account: &LockedAccount,
+        reservation_id: &str,
+        hold: &ReservationRow,
+        settlement: Settlement,
+        now: DateTime<Utc>,
+    ) -> Result<Settled, Error> {
+        let customer = account.customer_id;
+        let release = Entry {
+            seq: account.version + 1,
+            kind: EntryKind::Release,
+            points: hold.points,
+            reference: reservation_id,
+            occurred_at: now,
+        };
+        store::insert_entry(conn, merchant, customer, &release).await?;
+        let change = match settlement {
+            Settlement::Committed => {
+                // The held points leave their lots for good: the hold took them already.
+                store::insert_entry(
+                    conn,
+                    merchant,
+                    customer,
+                    &Entry {
+                        seq: account.version + 2,
+                        kind: EntryKind::Redeem,
+                        points: -hold.points,
+                        ..release
+                    },
+                )
+                .await?;
+                AccountChange {
+                    lifetime_redeemed: hold.points,
+                    versions: 2,
+                    ..AccountChange::default()
+                }
+            }
+            Settlement::Released | Settlement::Expired => {
+                // Back into the very lots held (an expired lot then expires at the next
+                // sweep), less what repays a debt a return left meanwhile.
+                let mut left = kept_after_debt(account.available, hold.points);
+                let mut back = Vec::new();
+                for (lot, held) in
+                    store::movements_of(conn, merchant, customer, hold.hold_seq).await?
+                {
+                    let give = held.min(left);
+                    if give > 0 {
+                        back.push((lot, -give));
+                        left -= give;
+                    }
+                }
+                store::move_lot_points(conn, merchant, customer, Some(release.seq), &back).await?;
+                AccountChange {
+                    available: hold.points,
+                    versions: 1,
+                    ..AccountChange::default()
+                }
+            }
+        };
+        let state = self.write(conn, merchant, account, change).await?;
+        let settled = Settled {
+            status: settlement,
+            points: hold.points,
+            discount_minor: hold.discount_minor,
+            account: state,
+        };
+        if !store::settle_reservation(
+            conn,
+            merchant,
+            reservation_id,
+            settlement.as_str(),
+            &settled,
+            now,
+        )
+        .await?
+        {
+            return Err(Error::internal(
+                "a locked held reservation was settled meanwhile",
+            ));
+        }
+        Ok(settled)
+    }
+
+    /// Takes back what the returned part of a purchase earned, and gives back pro rata the
+    /// points spent on it.
+    pub async fn return_purchase(
+        &self,
+        caller: &Caller,
+        request: ReturnRequest,
+    ) -> Result<ReturnOutcome, Error> {
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move { points.return_attached(merchant, &request).await }).await
+    }
+
+    async fn return_attached(
+        &self,
+        merchant: MerchantId,
+        r: &ReturnRequest,
+    ) -> Result<ReturnOutcome, Error> {
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let program = self.program(&mut tx, merchant).await?;
+        let customer_id = store::purchase_customer(&mut tx, merchant, &r.purchase_id)
+            .await?
+            .ok_or(Error::NotFound("purchase"))?;
+        let account = store::lock_account_by_id(&mut tx, merchant, customer_id, false)
+            .await?
+            .ok_or(Error::NotFound("purchase"))?;
+        if let Some(stored) =
+            store::find_operation(&mut tx, OperationTable::Returns, merchant, &r.return_id).await?
+        {
+            return replay(stored, r.fingerprint(), "return_id", &r.return_id);
+        }
+        let purchase = store::lock_purchase(&mut tx, merchant, &r.purchase_id)
+            .await?
+            .ok_or(Error::NotFound("purchase"))?;
+        let stored_lines = store::purchase_lines(&mut tx, merchant, &r.purchase_id).await?;
+        let lines = returnable_lines(&purchase, &stored_lines);
+        let now_returned = returned_now(&lines, &r.returned, stored_lines.is_empty())?;
+        let after: Vec<i64> = lines
+            .iter()
+            .zip(&now_returned)
+            .map(|(line, now)| line.returned_minor + now)
+            .collect();
+        let returned_minor: i64 = now_returned.iter().sum();
+        let clawback = (clawback_for(&lines, &after) - purchase.points_clawed_back).max(0);
+        let redeemed = store::redeemed_for_purchase(&mut tx, merchant, &r.purchase_id).await?;
+        let refund = (refund_for(
+            redeemed,
+            purchase.returned_minor + returned_minor,
+            purchase.total_minor,
+        ) - purchase.redeemed_refunded)
+            .max(0);
+
+        // The clawback: the purchase's own lot first, then the other lots.
+        let customer = account.customer_id;
+        let own = store::lot_of(&mut tx, merchant, customer, "earn", &r.purchase_id).await?;
+        let spendable = store::open_lots(&mut tx, merchant, customer, true).await?;
+        let pending = store::open_lots(&mut tx, merchant, customer, false).await?;
+        let plan = plan_clawback(own.map(|(lot, _)| lot), &spendable, &pending, clawback);
+        let pending_ids: Vec<i64> = pending.iter().map(|l| l.id).collect();
+        let from_pending: i64 = plan
+            .from_lots
+            .iter()
+            .filter(|(id, _)| pending_ids.contains(id))
+            .map(|(_, p)| p)
+            .sum();
+        let from_spendable: i64 = plan.from_lots.iter().map(|(_, p)| p).sum::<i64>() - from_pending;
+        let (debt, written_off) = match program.rules.lifecycle.returns {
+            ReturnPolicy::Debt => (plan.shortfall, 0),
+            ReturnPolicy::CapAtBalance => (0, plan.shortfall),
+        };
+        let clawed_back = clawback - written_off;
+
+        let mut seq = account.version;
+        if clawed_back > 0 {
+            seq += 1;
+            store::insert_entry(
+                &mut tx,
+                merchant,
+                customer,
+                &Entry {
+                    seq,
+                    kind: EntryKind::ReturnClawback,
+                    points: -clawed_back,
+                    reference: &r.return_id,
+                    occurred_at: now,
+                },
+            )
+            .await?;
+            store::move_lot_points(&mut tx, merchant, customer, Some(seq), &plan.from_lots).await?;
+        }
+        let available_before_refund = account.available - from_spendable - debt;
+        if refund > 0 {
+            seq += 1;
+            store::insert_entry(
+                &mut tx,
+                merchant,
+                customer,
+                &Entry {
+                    seq,
+                    kind: EntryKind::RedeemRefund,
+                    points: refund,
+                    reference: &r.return_id,
+                    occurred_at: now,
+                },
+            )
+            .await?;
+            let terms = LotTerms::of_credit(
+                program.rules.lifecycle.expiry,
+                account.last_purchase_at,
+                now,
+            );
+            store::insert_lot(
+                &mut tx,
+                merchant,
+                customer,
+                EntryKind::RedeemRefund.as_str(),
+                &r.return_id,
+                refund,
+                kept_after_debt(available_before_refund, refund),
+                now,
+                &terms,
+            )
+            .await?;
+        }
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: -from_spendable - debt + refund,
+                    pending: -from_pending,
+                    lifetime_redeemed: -refund,
+                    versions: (seq - account.version).max(1),
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
+        let answer = ReturnOutcome {
+            purchase_id: r.purchase_id.clone(),
+            external_id: purchase.external_id.clone(),
+            returned_minor,
+            points_clawed_back: clawed_back,
+            points_written_off: written_off,
+            points_refunded: refund,
+            account: state,
+        };
+        let line_returns = if stored_lines.is_empty() {
+            Vec::new()
+        } else {
+            now_returned
+        };
+        store::record_return(
+            &mut tx,
+            merchant,
+            &store::ReturnRecord {
+                return_id: &r.return_id,
+                purchase_id: &r.purchase_id,
+                customer_id: customer,
+                line_returns: &line_returns,
+                returned_minor,
+                clawed_back: clawback,
+                refunded: refund,
+                request_hash: &r.fingerprint(),
+                answer: &answer,
+            },
+        )
+        .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &purchase.external_id, &state)
+            .await;
+        Ok(answer)
+    }
+
+    /// Adds or removes points by hand, with its reason in the audit log.
+    pub async fn adjust(&self, caller: &Caller, adjustment: Adjustment) -> Result<Adjusted, Error> {
+        let points = self.clone();
+        let caller = caller.clone();
+        detach(async move { points.adjust_attached(&caller, &adjustment).await }).await
+    }
+
+    async fn adjust_attached(&self, caller: &Caller, a: &Adjustment) -> Result<Adjusted, Error> {
+        let merchant = caller.merchant;
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let program = self.program(&mut tx, merchant).await?;
+        let account = store::lock_account(&mut tx, merchant, &a.external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        let table = OperationTable::Adjustments;
+        if let Some(stored) =
+            store::find_operation(&mut tx, table, merchant, &a.adjustment_key).await?
+        {
+            return replay(stored, a.fingerprint(), "adjustment_key", &a.adjustment_key);
+        }
+        let customer = account.customer_id;
+        let change = if a.points > 0 {
+            store::insert_entry(
+                &mut tx,
+                merchant,
+                customer,
+                &Entry {
+                    seq: account.version + 1,
+                    kind: EntryKind::Adjust,
+                    points: a.points,
+                    reference: &a.adjustment_key,
+                    occurred_at: now,
+                },
+            )
+            .await?;
+            let terms = LotTerms::of_credit(
+                program.rules.lifecycle.expiry,
+                account.last_purchase_at,
+                now,
+            );
+            store::insert_lot(
+                &mut tx,
+                merchant,
+                customer,
+                EntryKind::Adjust.as_str(),
+                &a.adjustment_key,
+                a.points,
+                kept_after_debt(account.available, a.points),
+                now,
+                &terms,
+            )
+            .await?;
+            AccountChange {
+                available: a.points,
+                versions: 1,
+                ..AccountChange::default()
+            }
+        } else {
+            let removed = -a.points;
+            self.debit(
+                &mut tx,
+                merchant,
+                &account,
+                removed,
+                EntryKind::Adjust,
+                &a.adjustment_key,
+            )
+            .await?;
+            AccountChange {
+                available: a.points,
+                versions: 1,
+                debit: true,
+                ..AccountChange::default()
+            }
+        };
+        let state = self.write(&mut tx, merchant, &account, change).await?;
+        let answer = Adjusted {
+            points: a.points,
+            account: state,
+        };
+        let actor = caller.actor();
+        store::insert_adjustment(
+            &mut tx,
+            merchant,
+            &store::AdjustmentRow {
+                adjustment_key: &a.adjustment_key,
+                customer_id: customer,
+                points: a.points,
+                reason: &a.reason,
+                actor: &actor,
+                request_hash: &a.fingerprint(),
+                answer: &answer,
+            },
+        )
+        .await?;
+        audit::record(
+            &mut tx,
+            merchant,
+            &actor,
+            "points.adjust",
+            serde_json::json!({
+                "adjustment_key": a.adjustment_key,
+                "external_id": a.external_id,
+                "points": a.points,
+                "reason": a.reason,
+            }),
+        )
+        .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &a.external_id, &state)
+            .await;
+        tracing::info!(%merchant, points = a.points, "points adjusted");
+        Ok(answer)
+    }
+
+    /// Takes `points` from the customer's spendable lots, soonest-expiring first, as ledger
+    /// entry `version + 1` of `kind`; FAILED_PRECONDITION when fewer are available. Returns
+    /// the entry's seq.
+    async fn debit(
+        &self,
+        conn: &mut PgConnection,
+        merchant: MerchantId,
+        account: &LockedAccount,
+        points: i64,
+        kind: EntryKind,
+        reference: &str,
+    ) -> Result<i64, Error> {
+        if account.available < points {
+            return Err(Error::InsufficientPoints {
+                requested: points,
+                available: account.available,
+            });
+        }
+        let customer = account.customer_id;
+        let lots = store::open_lots(conn, merchant, customer, true).await?;
+        let takes = take_soonest_expiring(&lots, points);
+        all_taken(&takes, points)?;
+        let seq = account.version + 1;
+        store::insert_entry(
+            conn,
+            merchant,
+            customer,
+            &Entry {
+                seq,
+                kind,
+                points: -points,
+                reference,
+                occurred_at: self.clock.now(),
+            },
+        )
+        .await?;
+        store::move_lot_points(conn, merchant, customer, Some(seq), &takes).await?;
+        Ok(seq)
+    }
+
+    /// Writes the account change; a debit the account cannot pay is refused by the database.
+    async fn write(
+        &self,
+        conn: &mut PgConnection,
+        merchant: MerchantId,
+        account: &LockedAccount,
+        change: AccountChange,
+    ) -> Result<AccountState, Error> {
+        store::write_account(conn, merchant, account.customer_id, change)
+            .await?
+            .ok_or(Error::InsufficientPoints {
+                requested: -change.available,
+                available: account.available,
+            })
+    }
+}
+
+fn check_minimum(points: i64, minimum: i64) -> Result<(), Error> {
+    if points < minimum {
+        return Err(Invalid::field(
+            "points",
+            format!("must be at least {minimum}, the program's minimum redemption"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A settled reservation's stored answer.
+fn stored_settlement(hold: &ReservationRow) -> Result<Settled, Error> {
+    let answer = hold
+        .settled_answer
+        .as_ref()
+        .ok_or_else(|| Error::internal("a settled reservation has no stored answer"))?;
+    decode(answer.0.clone())
+}
+
+fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Error> {
+    serde_json::from_value(value)
+        .map_err(|e| Error::internal(format!("a stored answer does not decode: {e}")))
+}
+
+/// The purchase's lines as a return sees them: a purchase without lines is one line of its
+/// total; lines recorded before lines kept their share get shares by amount.
+fn returnable_lines(
+    purchase: &store::ReturnablePurchase,
+    stored: &[(i64, Option<i64>, i64)],
+) -> Vec<ReturnableLine> {
+    if stored.is_empty() {
+        return vec![ReturnableLine {
+            amount_minor: purchase.total_minor,
+            points: purchase.points_earned,
+            returned_minor: purchase.returned_minor,
+        }];
+    }
+    let by_amount = if stored.iter().any(|(_, points, _)| points.is_none()) {
+        let weights: Vec<i128> = stored.iter().map(|(a, _, _)| i128::from(*a)).collect();
+        Some(shares(purchase.points_earned, &weights))
+    } else {
+        None
+    };
+    stored
+        .iter()
+        .enumerate()
+        .map(|(i, (amount, points, returned))| ReturnableLine {
+            amount_minor: *amount,
+            points: match &by_amount {
+                Some(shares) => shares[i],
+                None => points.unwrap_or(0),
+            },
+            returned_minor: *returned,
+        })
+        .collect()
+}
+
+/// How much of each line comes back now; INVALID_ARGUMENT for more than is left to return.
+fn returned_now(
+    lines: &[ReturnableLine],
+    returned: &Returned,
+    no_lines: bool,
+) -> Result<Vec<i64>, Error> {
+    match returned {
+        Returned::Amount(amount) => spread_amount(lines, *amount).ok_or_else(|| {
+            let left: i64 = lines
+                .iter()
+                .map(|l| l.amount_minor - l.returned_minor)
+                .sum();
+            Invalid::field(
+                "amount_minor",
+                format!("is more than the {left} left to return of this purchase"),
+            )
+            .into()
+        }),
+        Returned::Lines(_) if no_lines => Err(Invalid::field(
+            "lines",
+            "the purchase was recorded without lines: return an amount_minor",
+        )
+        .into()),
+        Returned::Lines(given) => {
+            let mut now = vec![0; lines.len()];
+            let mut v = crate::platform::validation::Violations::default();
+            for (i, (line_no, amount)) in given.iter().enumerate() {
+                let Some(line) = lines.get(*line_no as usize - 1) else {
+                    v.add(
+                        format!("lines[{i}].line_no"),
+                        format!("the purchase has {} lines", lines.len()),
+                    );
+                    continue;
+                };
+                let left = line.amount_minor - line.returned_minor;
+                if *amount > left {
+                    v.add(
+                        format!("lines[{i}].amount_minor"),
+                        format!("is more than the {left} left to return of line {line_no}"),
+                    );
+                } else {
+                    now[*line_no as usize - 1] = *amount;
+                }
+            }
+            v.finish()?;
+            Ok(now)
+        }
+    }
+}
+
+/// The sweep's work, one customer per transaction: holds past their ttl are released, lots
+/// past their pending period mature, lots past their expiry expire. Safe on many replicas
+/// at once: a customer whose account another transaction holds is skipped (`SKIP LOCKED`)
+/// and left to the next pass, and every change is re-checked under the lock, so each lot
+/// expires once and each hold is released once.
+impl Points {
+    pub async fn sweep(&self, batch: i64) -> Result<SweepReport, Error> {
+        let now = self.clock.now();
+        let mut report = SweepReport::default();
+        let mut conn = self.store.acquire().await?;
+        let holds = store::due_holds(&mut conn, now, batch).await?;
+        let customers = store::due_customers(&mut conn, now, batch).await?;
+        drop(conn);
+        for (merchant, reservation_id) in holds {
+            if self.expire_hold(merchant, &reservation_id, now).await? {
+                report.holds_released += 1;
+            }
+        }
+        for (merchant, customer_id, external_id) in customers {
+            let (matured, expired, points) = self
+                .sweep_lots(merchant, customer_id, &external_id, now)
+                .await?;
+            report.lots_matured += matured;
+            report.lots_expired += expired;
+            report.points_expired += points;
+        }
+        Ok(report)
+    }
+
+    async fn expire_hold(
+        &self,
+        merchant: MerchantId,
+        reservation_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let mut tx = self.store.begin().await?;
+        let Some(found) = store::find_reservation(&mut tx, merchant, reservation_id).await? else {
+            return Ok(false);
+        };
+        let Some(account) =
+            store::lock_account_by_id(&mut tx, merchant, found.customer_id, true).await?
+        else {
+            return Ok(false);
+        };
+        let Some(hold) = store::lock_reservation(&mut tx, merchant, reservation_id).await? else {
+            return Ok(false);
+        };
+        if hold.status != "held" || hold.expires_at > now {
+            return Ok(false);
+        }
+        let settled = self
+            .settle_held(
+                &mut tx,
+                merchant,
+                &account,
+                reservation_id,
+                &hold,
+                Settlement::Expired,
+                now,
+            )
+            .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &hold.external_id, &settled.account)
+            .await;
+        Ok(true)
+    }
+
+    /// Matures and expires the due lots of one customer: (matured, expired, points expired).
+    async fn sweep_lots(
+        &self,
+        merchant: MerchantId,
+        customer: i64,
+        external_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, u64, i64), Error> {
+        let mut tx = self.store.begin().await?;
+        let Some(account) = store::lock_account_by_id(&mut tx, merchant, customer, true).await?
+        else {
+            return Ok((0, 0, 0));
+        };
+        let maturing = store::maturing_lots(&mut tx, merchant, customer, now).await?;
+        let mut available = account.available;
+        let mut matured_points = 0;
+        for (lot, remaining) in &maturing {
+            // Points becoming available repay a return's debt first.
+            let kept = kept_after_debt(available, *remaining);
+            store::mature_lot(&mut tx, merchant, customer, *lot, *remaining - kept).await?;
+            available += remaining;
+            matured_points += remaining;
+        }
+        let expiring = store::expiring_lots(&mut tx, merchant, customer, now).await?;
+        let mut seq = account.version;
+        let mut expired_points = 0;
+        for lot in &expiring {
+            seq += 1;
+            let reference = lot.expiry_reference();
+            store::insert_entry(
+                &mut tx,
+                merchant,
+                customer,
+                &Entry {
+                    seq,
+                    kind: EntryKind::Expire,
+                    points: -lot.remaining,
+                    reference: &reference,
+                    occurred_at: now,
+                },
+            )
+            .await?;
+            store::move_lot_points(
+                &mut tx,
+                merchant,
+                customer,
+                Some(seq),
+                &[(lot.id, lot.remaining)],
+            )
+            .await?;
+            store::count_expiry(&mut tx, merchant, customer, lot.id).await?;
+            expired_points += lot.remaining;
+        }
+        if maturing.is_empty() && expiring.is_empty() {
+            return Ok((0, 0, 0));
+        }
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: matured_points - expired_points,
+                    pending: -matured_points,
+                    versions: (seq - account.version).max(1),
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
+        commit(tx).await?;
+        self.publisher.publish(merchant, external_id, &state).await;
+        Ok((maturing.len() as u64, expiring.len() as u64, expired_points))
+    }
+}

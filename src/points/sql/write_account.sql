@@ -1,0 +1,35 @@
+-- Applies one change to a locked account and returns it with its next expiry.
+--
+-- $1 merchant_id, $2 customer_id, $3 change of available, $4 change of pending, $5 change of
+-- lifetime_earned, $6 change of lifetime_redeemed, $7 versions (one per ledger entry), $8 debit.
+--
+-- A debit must find the points (the conditional update: no row when it would overdraw) and
+-- leaves the debt alone, so the accounts_no_overdraft CHECK holds whatever the caller did.
+-- Credits and clawbacks set the debt to what available is below zero. The next expiry reads
+-- the lots as this transaction left them (earlier statements are visible to this one).
+WITH account AS (
+    UPDATE accounts
+       SET available         = available + $3,
+           pending           = pending + $4,
+           debt              = CASE WHEN $8 THEN debt ELSE greatest(0, -(available + $3)) END,
+           lifetime_earned   = lifetime_earned + $5,
+           lifetime_redeemed = lifetime_redeemed + $6,
+           version           = version + $7,
+           updated_at        = now()
+     WHERE merchant_id = $1
+       AND customer_id = $2
+       AND (NOT $8 OR available + $3 >= 0)
+ RETURNING merchant_id, customer_id, available, pending, lifetime_earned, lifetime_redeemed,
+           purchase_count, version
+)
+SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
+       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at
+  FROM account a
+  LEFT JOIN LATERAL (
+        SELECT l.expires_at, sum(l.remaining)::bigint AS points
+          FROM point_lots l
+         WHERE l.merchant_id = a.merchant_id AND l.customer_id = a.customer_id
+           AND l.remaining > 0 AND l.matured AND l.expires_at IS NOT NULL
+         GROUP BY l.expires_at
+         ORDER BY l.expires_at
+         LIMIT 1) n ON true
