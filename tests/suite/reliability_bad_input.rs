@@ -204,12 +204,14 @@ fn program() -> impl Strategy<Value = Option<pb::Program>> {
             ),
             prop_oneof![0u32..40, any::<u32>()],
             -1i32..4,
+            lifecycle(),
         )
             .prop_map(
                 |(
                     (currency, earn_rate, minimum_purchase_minor, category_multipliers, promotions),
                     max_receipt_age_days,
                     old_receipts,
+                    (pending_days, expiry, redemption, return_policy),
                 )| pb::Program {
                     currency,
                     earn_rate,
@@ -218,9 +220,50 @@ fn program() -> impl Strategy<Value = Option<pb::Program>> {
                     promotions,
                     max_receipt_age_days,
                     old_receipts,
+                    pending_days,
+                    expiry,
+                    redemption,
+                    return_policy,
                     ..Default::default()
                 },
             ),
+    )
+}
+
+/// Pending period, expiry, redemption rule and return policy: in range, out of range, unknown
+/// enum values.
+#[allow(clippy::type_complexity)]
+fn lifecycle() -> impl Strategy<
+    Value = (
+        u32,
+        Option<pb::ExpiryPolicy>,
+        Option<pb::RedemptionRule>,
+        i32,
+    ),
+> {
+    let expiry = prop::option::of(
+        (-1i32..6, prop_oneof![0u32..130, any::<u32>()])
+            .prop_map(|(kind, months)| pb::ExpiryPolicy { kind, months }),
+    );
+    let redemption = prop::option::of(
+        (
+            prop_oneof![0u32..200, any::<u32>()],
+            any::<i64>(),
+            prop::option::of(prop_oneof![0u32..10_001, any::<u32>()]),
+        )
+            .prop_map(|(points_per_unit, minimum_points, max_share_bp)| {
+                pb::RedemptionRule {
+                    points_per_unit,
+                    minimum_points,
+                    max_share_bp,
+                }
+            }),
+    );
+    (
+        prop_oneof![0u32..400, any::<u32>()],
+        expiry,
+        redemption,
+        -1i32..4,
     )
 }
 
@@ -432,6 +475,139 @@ fn malformed_and_extreme_requests_get_clear_errors_and_write_nothing() {
                 c.update_program(pb::UpdateProgramRequest {
                     program: program_rules,
                     expected_version,
+                })
+                .await
+                .map(|_| ())
+            }
+        },
+    );
+
+    let spend_codes = [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::FailedPrecondition,
+        Code::AlreadyExists,
+    ];
+    check(
+        &rt,
+        &app,
+        "RedeemPoints",
+        (text(), text(), any::<i64>(), text()),
+        &spend_codes,
+        |(external_id, redemption_id, points, purchase_id)| {
+            let mut c = checkout.clone();
+            async move {
+                c.redeem_points(pb::RedeemPointsRequest {
+                    external_id,
+                    redemption_id,
+                    points,
+                    purchase_id,
+                })
+                .await
+                .map(|_| ())
+            }
+        },
+    );
+    check(
+        &rt,
+        &app,
+        "ReservePoints",
+        (text(), text(), any::<i64>(), any::<u32>()),
+        &spend_codes,
+        |(external_id, reservation_id, points, ttl_seconds)| {
+            let mut c = checkout.clone();
+            async move {
+                c.reserve_points(pb::ReservePointsRequest {
+                    external_id,
+                    reservation_id,
+                    points,
+                    ttl_seconds,
+                    purchase_id: String::new(),
+                })
+                .await
+                .map(|_| ())
+            }
+        },
+    );
+    check(
+        &rt,
+        &app,
+        "CommitReservation",
+        text(),
+        &spend_codes,
+        |reservation_id| {
+            let mut c = checkout.clone();
+            async move {
+                c.commit_reservation(pb::CommitReservationRequest { reservation_id })
+                    .await
+                    .map(|_| ())
+            }
+        },
+    );
+    check(
+        &rt,
+        &app,
+        "ReleaseReservation",
+        text(),
+        &spend_codes,
+        |reservation_id| {
+            let mut c = checkout.clone();
+            async move {
+                c.release_reservation(pb::ReleaseReservationRequest { reservation_id })
+                    .await
+                    .map(|_| ())
+            }
+        },
+    );
+    let returned_line =
+        (any::<u32>(), any::<i64>()).prop_map(|(line_no, amount_minor)| pb::ReturnedLine {
+            line_no,
+            amount_minor,
+        });
+    check(
+        &rt,
+        &app,
+        "ReturnPurchase",
+        (
+            prop_oneof![Just("seed".to_string()), text()],
+            text(),
+            prop::collection::vec(returned_line, 0..4),
+            any::<i64>(),
+        ),
+        &spend_codes,
+        |(purchase_id, return_id, lines, amount_minor)| {
+            let mut c = checkout.clone();
+            async move {
+                c.return_purchase(pb::ReturnPurchaseRequest {
+                    purchase_id,
+                    return_id,
+                    lines,
+                    amount_minor,
+                })
+                .await
+                .map(|_| ())
+            }
+        },
+    );
+    check(
+        &rt,
+        &app,
+        "AdjustPoints",
+        (
+            prop_oneof![Just("card-1".to_string()), text()],
+            text(),
+            any::<i64>(),
+            text(),
+        ),
+        &spend_codes,
+        |(external_id, adjustment_key, points, reason)| {
+            let mut c = programs.clone();
+            async move {
+                c.adjust_points(pb::AdjustPointsRequest {
+                    external_id,
+                    adjustment_key,
+                    points,
+                    reason,
                 })
                 .await
                 .map(|_| ())

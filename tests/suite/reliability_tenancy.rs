@@ -22,6 +22,12 @@ async fn digest(app: &TestApp, merchant: &Merchant) -> String {
         "purchase_lines",
         "ledger_entries",
         "audit_log",
+        "point_lots",
+        "lot_movements",
+        "redemptions",
+        "reservations",
+        "purchase_returns",
+        "adjustments",
     ] {
         let column = if table == "merchants" {
             "id"
@@ -68,6 +74,45 @@ async fn every_rpc_probed_across_merchants_finds_nothing_and_changes_nothing() {
             .await
             .unwrap();
     }
+    // A's customer also spent, held, returned and was adjusted.
+    a_checkout
+        .redeem_points(pb::RedeemPointsRequest {
+            external_id: "card-1".into(),
+            redemption_id: "x-a".into(),
+            points: 5,
+            purchase_id: "r-2".into(),
+        })
+        .await
+        .unwrap();
+    a_checkout
+        .reserve_points(pb::ReservePointsRequest {
+            external_id: "card-1".into(),
+            reservation_id: "h-a".into(),
+            points: 5,
+            ttl_seconds: 3600,
+            purchase_id: String::new(),
+        })
+        .await
+        .unwrap();
+    a_checkout
+        .return_purchase(pb::ReturnPurchaseRequest {
+            purchase_id: "r-2".into(),
+            return_id: "ret-a".into(),
+            amount_minor: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.program(&a.admin_key)
+        .await
+        .adjust_points(pb::AdjustPointsRequest {
+            external_id: "card-1".into(),
+            adjustment_key: "adj-a".into(),
+            points: 3,
+            reason: "welcome".into(),
+        })
+        .await
+        .unwrap();
     let a_page = a_member
         .list_ledger(pb::ListLedgerRequest {
             external_id: "card-1".into(),
@@ -252,6 +297,56 @@ async fn every_rpc_probed_across_merchants_finds_nothing_and_changes_nothing() {
         "B's program is at another version"
     );
     probes += 8;
+
+    // A's hold, receipt and client keys, used by B: NOT_FOUND, or B's own namespace.
+    for status in [
+        b_checkout
+            .commit_reservation(pb::CommitReservationRequest {
+                reservation_id: "h-a".into(),
+            })
+            .await
+            .unwrap_err(),
+        b_checkout
+            .release_reservation(pb::ReleaseReservationRequest {
+                reservation_id: "h-a".into(),
+            })
+            .await
+            .unwrap_err(),
+        b_checkout
+            .return_purchase(pb::ReturnPurchaseRequest {
+                purchase_id: "r-2".into(),
+                return_id: "ret-a".into(),
+                amount_minor: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let spent = b_checkout
+        .redeem_points(pb::RedeemPointsRequest {
+            external_id: "card-1".into(),
+            redemption_id: "x-a".into(),
+            points: 5,
+            purchase_id: "r-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spent.balance.unwrap().available, 45, "B's own 50 points");
+    let adjusted = b_program_client
+        .adjust_points(pb::AdjustPointsRequest {
+            external_id: "card-1".into(),
+            adjustment_key: "adj-a".into(),
+            points: 3,
+            reason: "welcome".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(adjusted.balance.unwrap().available, 48);
+    probes += 5;
 
     assert_eq!(digest(&app, &a).await, before, "merchant A's data changed");
     // A is still served as before.

@@ -706,6 +706,12 @@ impl TestApp {
             .await
             .unwrap()
             .unwrap_or(0),
+            lifecycle_rows: count("point_lots").await
+                + count("lot_movements").await
+                + count("redemptions").await
+                + count("reservations").await
+                + count("purchase_returns").await
+                + count("adjustments").await,
         }
     }
 
@@ -762,6 +768,8 @@ pub struct RowCounts {
     pub ledger_entries: i64,
     pub account_version_sum: i64,
     pub programs_version_sum: i64,
+    /// Lots, lot movements and the rows of redemptions, holds, returns and adjustments.
+    pub lifecycle_rows: i64,
 }
 
 /// A minimal HTTP/1.1 GET (the metrics endpoint is plain HTTP).
