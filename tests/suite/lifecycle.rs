@@ -844,3 +844,50 @@ async fn a_quote_says_what_the_customer_could_spend_on_the_basket() {
     assert_eq!(q.redeemable_points, 0);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_own_sweep_releases_a_forgotten_hold() {
+    let app = TestApp::spawn_with(Options {
+        sweep_interval: Some(Duration::from_millis(50)),
+        ..Default::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1_000))
+        .await
+        .unwrap();
+    checkout
+        .reserve_points(hold("card-1", "h-1", 10, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        balance(&app, &pos, "card-1")
+            .await
+            .balance
+            .unwrap()
+            .available,
+        0
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = balance(&app, &pos, "card-1").await.balance.unwrap();
+        if read.available == 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hold was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM reservations WHERE reservation_id = 'h-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "expired");
+    app.stop().await;
+}
