@@ -14,6 +14,7 @@ use crate::points::{LedgerPage, Points};
 
 pub struct CheckoutApi {
     pub points: Points,
+    pub gifts: crate::gifts::Gifts,
 }
 
 #[tonic::async_trait]
@@ -47,6 +48,13 @@ impl CheckoutService for CheckoutApi {
         let purchase = Purchase::parse(input, self.points.now())?;
         let receipt = self.points.record_purchase(&caller, purchase).await?;
         Ok(Response::new(receipt_message(receipt)))
+    }
+
+    async fn redeem_gift(
+        &self,
+        request: Request<pb::RedeemGiftRequest>,
+    ) -> Result<Response<pb::RedeemGiftResponse>, Status> {
+        crate::gifts::grpc::redeem_gift(&self.gifts, request).await
     }
 }
 
@@ -91,6 +99,7 @@ fn receipt_message(receipt: PurchaseReceipt) -> pb::RecordPurchaseResponse {
         purchase_id: receipt.purchase_id,
         external_id: receipt.external_id,
         points_earned: receipt.points_earned,
+        gifts_issued: Vec::new(),
     }
 }
 

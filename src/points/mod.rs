@@ -34,6 +34,7 @@ pub const DECLARATION: Declaration = Declaration {
     methods: &[
         Method::unary("QuotePurchase", POS),
         Method::unary("RecordPurchase", POS),
+        Method::unary("RedeemGift", POS),
     ],
 };
 
@@ -87,6 +88,7 @@ impl LargeBaskets {
 pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::CheckoutApi {
         points: Points::new(parts, programs),
+        gifts: crate::gifts::Gifts::new(parts),
     };
     Service::new(
         DECLARATION,

@@ -13,6 +13,7 @@ use crate::programs::rules::{
 
 pub struct ProgramApi {
     pub programs: Programs,
+    pub gifts: crate::gifts::Gifts,
 }
 
 #[tonic::async_trait]
@@ -45,6 +46,48 @@ impl ProgramService for ProgramApi {
         Ok(Response::new(pb::UpdateProgramResponse {
             program: Some(program_message(program)),
         }))
+    }
+
+    async fn create_gift(
+        &self,
+        request: Request<pb::CreateGiftRequest>,
+    ) -> Result<Response<pb::CreateGiftResponse>, Status> {
+        crate::gifts::grpc::create_gift(&self.gifts, request).await
+    }
+
+    async fn update_gift(
+        &self,
+        request: Request<pb::UpdateGiftRequest>,
+    ) -> Result<Response<pb::UpdateGiftResponse>, Status> {
+        crate::gifts::grpc::update_gift(&self.gifts, request).await
+    }
+
+    async fn list_gifts(
+        &self,
+        request: Request<pb::ListGiftsRequest>,
+    ) -> Result<Response<pb::ListGiftsResponse>, Status> {
+        crate::gifts::grpc::list_gifts(&self.gifts, request).await
+    }
+
+    async fn issue_gift(
+        &self,
+        request: Request<pb::IssueGiftRequest>,
+    ) -> Result<Response<pb::IssueGiftResponse>, Status> {
+        crate::gifts::grpc::issue_gift(&self.gifts, request).await
+    }
+
+    async fn put_gift_rule(
+        &self,
+        request: Request<pb::PutGiftRuleRequest>,
+    ) -> Result<Response<pb::PutGiftRuleResponse>, Status> {
+        crate::gifts::grpc::put_gift_rule(&self.gifts, request).await
+    }
+
+    async fn list_gift_rules(
+        &self,
+        request: Request<pb::ListGiftRulesRequest>,
+    ) -> Result<Response<pb::ListGiftRulesResponse>, Status> {
+        crate::gifts::grpc::list_gift_rules(&self.gifts, request).await
     }
 }
 

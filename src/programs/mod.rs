@@ -19,6 +19,12 @@ pub const DECLARATION: Declaration = Declaration {
     methods: &[
         Method::unary("GetProgram", ADMIN),
         Method::unary("UpdateProgram", ADMIN),
+        Method::unary("CreateGift", ADMIN),
+        Method::unary("UpdateGift", ADMIN),
+        Method::unary("ListGifts", ADMIN),
+        Method::unary("IssueGift", ADMIN),
+        Method::unary("PutGiftRule", ADMIN),
+        Method::unary("ListGiftRules", ADMIN),
     ],
 };
 
@@ -42,6 +48,7 @@ impl Programs {
 pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::ProgramApi {
         programs: Programs::new(parts, programs),
+        gifts: crate::gifts::Gifts::new(parts),
     };
     Service::new(
         DECLARATION,
