@@ -776,6 +776,9 @@ mod tests {
         let typed = c.display().replacen('1', "I", 1).replacen('0', "O", 1);
         assert_eq!(GiftCode::parse("code", &typed).unwrap(), c);
         assert_eq!(GiftCode::parse("code", &normalized).unwrap(), c);
+        // The README's example.
+        let example = GiftCode::parse("code", "7qkd 2m9v xh4t orbn 6").unwrap();
+        assert_eq!(example.display(), "7QKD-2M9V-XH4T-0RBN-6");
     }
 
     #[test]
