@@ -1150,3 +1150,313 @@ async fn purchase_rules_grant_once_skip_sold_out_gifts_and_returns_revoke_them()
     drop(conn);
     app.stop().await;
 }
+
+mod bad_input {
+    //! Property-generated garbage for every gift RPC: a clear error (or, when the random
+    //! request happens to be valid, an answer), nothing written by a refused request, never
+    //! INTERNAL, never a panic.
+
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("free-coffee".to_string()),
+            Just("card-1".to_string()),
+            "[a-z0-9-]{1,12}",
+            "\\PC{1,40}",
+            "[\\x00-\\x1f]{1,4}",
+            " [a-z]{1,5} ",
+            "x{60,300}",
+            "[0-9A-Za-z -]{15,25}",
+        ]
+    }
+
+    fn number() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            Just(-1i64),
+            Just(i64::MIN),
+            Just(i64::MAX),
+            0..100i64,
+            any::<i64>()
+        ]
+    }
+
+    fn gift() -> impl Strategy<Value = Option<pb::Gift>> {
+        prop::option::of(
+            (
+                (text(), text(), text(), -1i32..5),
+                (
+                    prop::option::of(number()),
+                    prop::option::of(number()),
+                    prop_oneof![0u32..40, any::<u32>()],
+                    any::<bool>(),
+                ),
+            )
+                .prop_map(
+                    |(
+                        (gift_id, name, description, kind),
+                        (points_price, stock, validity_days, active),
+                    )| pb::Gift {
+                        gift_id,
+                        name,
+                        description,
+                        kind,
+                        points_price,
+                        stock,
+                        validity_days,
+                        active,
+                        ..Default::default()
+                    },
+                ),
+        )
+    }
+
+    fn rule() -> impl Strategy<Value = Option<pb::GiftRule>> {
+        prop::option::of(
+            (
+                text(),
+                -1i32..4,
+                prop_oneof![0u32..5, any::<u32>()],
+                text(),
+                prop_oneof![0u32..20, any::<u32>()],
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(rule_id, trigger, every_n, gift_id, delay_hours, active)| pb::GiftRule {
+                        rule_id,
+                        trigger,
+                        every_n,
+                        gift_id,
+                        delay_hours,
+                        active,
+                        ..Default::default()
+                    },
+                ),
+        )
+    }
+
+    async fn rows(app: &TestApp) -> Vec<i64> {
+        let mut counts = Vec::new();
+        for sql in [
+            "SELECT count(*) FROM gifts",
+            "SELECT coalesce(sum(version), 0)::bigint FROM gifts",
+            "SELECT coalesce(sum(stock), 0)::bigint FROM gifts",
+            "SELECT count(*) FROM gift_grants",
+            "SELECT count(*) FROM gift_grants WHERE status <> 'issued'",
+            "SELECT count(*) FROM gift_rules",
+            "SELECT count(*) FROM audit_log",
+        ] {
+            counts.push(count(app, sql).await);
+        }
+        counts
+    }
+
+    fn check<S, F, Fut>(
+        rt: &tokio::runtime::Runtime,
+        app: &TestApp,
+        name: &str,
+        strategy: S,
+        allowed: &[Code],
+        call: F,
+    ) where
+        S: Strategy,
+        S::Value: Clone + std::fmt::Debug,
+        F: Fn(S::Value) -> Fut,
+        Fut: Future<Output = Result<(), tonic::Status>>,
+    {
+        let mut runner = TestRunner::new(Config {
+            cases: 40,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&strategy, |input| {
+            rt.block_on(async {
+                let before = rows(app).await;
+                if let Err(status) = call(input.clone()).await {
+                    prop_assert!(
+                        allowed.contains(&status.code()),
+                        "{name}: unexpected {:?}: {}",
+                        status.code(),
+                        status.message()
+                    );
+                    if status.code() == Code::InvalidArgument {
+                        prop_assert!(!violated_fields(&status).is_empty(), "{name}: no field");
+                    }
+                    prop_assert_eq!(rows(app).await, before, "{} wrote when refused", name);
+                }
+                Ok(())
+            })
+        });
+        if let Err(failure) = result {
+            panic!("{name}: {failure}");
+        }
+    }
+
+    #[test]
+    fn malformed_gift_requests_get_clear_errors_and_write_nothing() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = rt.block_on(TestApp::spawn());
+        let (merchant, pos) = rt.block_on(shop(&app));
+        rt.block_on(async {
+            create(&app, &merchant, super::gift("free-coffee")).await;
+            granted(&app, &merchant, "card-1", "seed").await;
+        });
+        let program = rt.block_on(app.program(&merchant.admin_key));
+        let checkout = rt.block_on(app.checkout(&pos));
+        let member = rt.block_on(app.member(&pos));
+        let write = [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::FailedPrecondition,
+        ];
+        let read = [Code::InvalidArgument, Code::NotFound];
+
+        check(&rt, &app, "CreateGift", gift(), &write, |gift| {
+            let mut p = program.clone();
+            async move {
+                p.create_gift(pb::CreateGiftRequest { gift })
+                    .await
+                    .map(|_| ())
+            }
+        });
+        check(
+            &rt,
+            &app,
+            "UpdateGift",
+            (gift(), number()),
+            &write,
+            |(gift, expected_version)| {
+                let mut p = program.clone();
+                async move {
+                    p.update_gift(pb::UpdateGiftRequest {
+                        gift,
+                        expected_version,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "PutGiftRule",
+            (rule(), number()),
+            &write,
+            |(rule, expected_version)| {
+                let mut p = program.clone();
+                async move {
+                    p.put_gift_rule(pb::PutGiftRuleRequest {
+                        rule,
+                        expected_version,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "IssueGift",
+            (text(), text(), text()),
+            &write,
+            |(external_id, gift_id, issue_key)| {
+                let mut p = program.clone();
+                async move {
+                    p.issue_gift(pb::IssueGiftRequest {
+                        external_id,
+                        gift_id,
+                        issue_key,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "RedeemGift",
+            (text(), text(), text()),
+            &write,
+            |(code, redemption_key, store_id)| {
+                let mut c = checkout.clone();
+                async move {
+                    c.redeem_gift(pb::RedeemGiftRequest {
+                        code,
+                        redemption_key,
+                        store_id,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "ListCustomerGifts",
+            (text(), any::<i32>(), text()),
+            &read,
+            |(external_id, page_size, page_token)| {
+                let mut m = member.clone();
+                async move {
+                    m.list_customer_gifts(pb::ListCustomerGiftsRequest {
+                        external_id,
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "ListGiftCatalog",
+            (any::<i32>(), text()),
+            &read,
+            |(page_size, page_token)| {
+                let mut m = member.clone();
+                async move {
+                    m.list_gift_catalog(pb::ListGiftCatalogRequest {
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
+            "ListGifts",
+            (any::<i32>(), text()),
+            &read,
+            |(page_size, page_token)| {
+                let mut p = program.clone();
+                async move {
+                    p.list_gifts(pb::ListGiftsRequest {
+                        page_size,
+                        page_token,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        rt.block_on(app.stop());
+    }
+}
