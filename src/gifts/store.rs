@@ -4,7 +4,8 @@
 //! [`grant`]), so other features call them inside their own transactions:
 //!
 //! - [`grant`]: a gift for a customer (stock and grant in one statement), idempotent on its
-//!   source key; ClaimGift calls it after debiting the points.
+//!   source key; [`try_grant`] tells a new grant from a replay and [`find_grant`] finds the
+//!   grant of a key (ClaimGift: debit the points only for a new grant).
 //! - [`grants_for_purchase_rules`]: the grants of the gift rules a purchase fires, for
 //!   RecordPurchase (ask [`has_purchase_rules`] first to skip it cheaply).
 //! - [`grants_of_purchase`]: what a purchase triggered, for the answer to its replay.
@@ -117,8 +118,9 @@ impl GrantRow {
 // ---------------------------------------------------------------------------------------------
 // Grants, for every feature
 
-/// What a grant attempt came to.
-pub(crate) enum Granted {
+/// What a grant attempt came to ([`try_grant`]).
+#[derive(Debug)]
+pub enum Granted {
     /// A new grant.
     Created(Grant),
     /// The source key had made this very grant before (a replay).
@@ -159,7 +161,7 @@ pub async fn grant(
         now,
         delay_hours: 0,
     };
-    match grant_once(conn, merchant, &request).await? {
+    match try_grant(conn, merchant, &request).await? {
         Granted::Created(grant) | Granted::Replayed(grant) => Ok(grant),
         Granted::NoSuchGift => Err(Error::NotFound("gift")),
         Granted::Inactive => Err(Error::FailedPrecondition(
@@ -171,19 +173,23 @@ pub async fn grant(
     }
 }
 
-/// One grant to make.
-pub(crate) struct GrantRequest<'a> {
+/// One grant to make ([`try_grant`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GrantRequest<'a> {
+    /// `customers.id` of the merchant's customer.
     pub customer_id: i64,
     pub gift_id: &'a str,
     pub source: GrantSource,
     pub source_reference: &'a str,
     pub purchase_id: Option<&'a str>,
     pub now: DateTime<Utc>,
+    /// Hours between `now` and the start of the grant's window.
     pub delay_hours: u32,
 }
 
-/// [`grant`], telling a new grant from a replay and naming why nothing was granted.
-pub(crate) async fn grant_once(
+/// [`grant`], telling a new grant from a replay (ClaimGift debits points only for a new one,
+/// or asks [`find_grant`] first) and naming why nothing was granted instead of failing.
+pub async fn try_grant(
     conn: &mut PgConnection,
     merchant: MerchantId,
     request: &GrantRequest<'_>,
@@ -228,6 +234,35 @@ pub(crate) async fn grant_once(
     Err(Error::internal("no free gift code after several attempts"))
 }
 
+/// The grant that `source_reference` made as `source`, if any: how a use case tells a replay
+/// before it does anything else (ClaimGift: before it debits the points).
+pub async fn find_grant(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    source: GrantSource,
+    source_reference: &str,
+) -> Result<Option<Grant>, Error> {
+    let row = grant_by_source(conn, merchant, source, source_reference).await?;
+    row.map(GrantRow::into_grant).transpose()
+}
+
+async fn grant_by_source(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    source: GrantSource,
+    source_reference: &str,
+) -> Result<Option<GrantRow>, Error> {
+    sqlx::query_as(select_grants!(
+        "WHERE g.merchant_id = $1 AND g.source = $2 AND g.source_reference = $3"
+    ))
+    .bind(merchant.0)
+    .bind(source.as_str())
+    .bind(source_reference)
+    .fetch_optional(conn)
+    .await
+    .map_err(db_error)
+}
+
 /// Nothing was inserted: a replay of the source key (or the key taken for something else),
 /// or the gift is missing, inactive or sold out.
 async fn why_not_granted(
@@ -235,15 +270,7 @@ async fn why_not_granted(
     merchant: MerchantId,
     request: &GrantRequest<'_>,
 ) -> Result<Granted, Error> {
-    let earlier: Option<GrantRow> = sqlx::query_as(select_grants!(
-        "WHERE g.merchant_id = $1 AND g.source = $2 AND g.source_reference = $3"
-    ))
-    .bind(merchant.0)
-    .bind(request.source.as_str())
-    .bind(request.source_reference)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_error)?;
+    let earlier = grant_by_source(conn, merchant, request.source, request.source_reference).await?;
     if let Some(earlier) = earlier {
         if earlier.customer_id == request.customer_id && earlier.gift_id == request.gift_id {
             return Ok(Granted::Replayed(earlier.into_grant()?));
@@ -270,10 +297,14 @@ async fn why_not_granted(
 /// Evaluates the merchant's active purchase rules for a purchase that brought the customer
 /// to `purchase_count_after` purchases, and grants the gift of each rule that fires (source
 /// 'rule', reference `<rule_id>:<purchase_id>`, the purchase recorded on the grant so that a
-/// return revokes it). A gift that is inactive or sold out is skipped, not an error. A replay
-/// of the purchase grants nothing new and returns the grants of the first time.
+/// return revokes it). A gift that is inactive or sold out is skipped, not an error. Each
+/// rule grants at most once per purchase, so calling it twice for one purchase grants nothing
+/// twice; but rules may have changed in between, so the answer to a replayed purchase comes
+/// from [`grants_of_purchase`], not from calling this again. Grants come in the order of
+/// [`grants_of_purchase`] (by start, then code), so the two answers match.
 ///
-/// Call it inside RecordPurchase's transaction, after the purchase is written.
+/// Call it inside RecordPurchase's transaction, after the purchase is written, and only for a
+/// purchase recorded now.
 pub async fn grants_for_purchase_rules(
     conn: &mut PgConnection,
     merchant: MerchantId,
@@ -295,12 +326,18 @@ pub async fn grants_for_purchase_rules(
             now,
             delay_hours: rule.delay_hours,
         };
-        match grant_once(conn, merchant, &request).await? {
+        match try_grant(conn, merchant, &request).await? {
             Granted::Created(grant) | Granted::Replayed(grant) => grants.push(grant),
             Granted::NoSuchGift | Granted::Inactive | Granted::SoldOut => {}
         }
     }
+    sort_grants(&mut grants);
     Ok(grants)
+}
+
+/// One order for the grants of a purchase, whatever the database's collation.
+fn sort_grants(grants: &mut [Grant]) {
+    grants.sort_by(|a, b| (a.valid_from, a.code.as_str()).cmp(&(b.valid_from, b.code.as_str())));
 }
 
 /// Whether the merchant has any active purchase rule (an index-only probe), so checkout can
@@ -341,8 +378,9 @@ async fn purchase_rules(
         .collect()
 }
 
-/// The grants a purchase triggered (all statuses), oldest first: what a replay of the purchase
-/// answers.
+/// The grants a purchase triggered (in their status now: a grant revoked or redeemed since
+/// shows so), in the order [`grants_for_purchase_rules`] returned them: what a replay of the
+/// purchase answers.
 pub async fn grants_of_purchase(
     conn: &mut PgConnection,
     merchant: MerchantId,
@@ -357,7 +395,12 @@ pub async fn grants_of_purchase(
     .fetch_all(conn)
     .await
     .map_err(db_error)?;
-    rows.into_iter().map(GrantRow::into_grant).collect()
+    let mut grants = rows
+        .into_iter()
+        .map(GrantRow::into_grant)
+        .collect::<Result<Vec<_>, _>>()?;
+    sort_grants(&mut grants);
+    Ok(grants)
 }
 
 /// Revokes the still-issued grants that `purchase_id` triggered (those redeemed stay

@@ -140,7 +140,7 @@ impl Gifts {
             now: self.clock.now(),
             delay_hours: 0,
         };
-        let grant = match store::grant_once(&mut tx, merchant, &request).await? {
+        let grant = match store::try_grant(&mut tx, merchant, &request).await? {
             Granted::Replayed(grant) => return Ok(grant),
             Granted::Created(grant) => grant,
             Granted::NoSuchGift => return Err(Error::NotFound("gift")),

@@ -341,6 +341,47 @@ async fn issue_gift_is_idempotent_by_its_key() {
     let second = granted(&app, &merchant, "card-1", "issue-2").await;
     assert_ne!(second.code, grant.code);
 
+    // What ClaimGift will use: the grant of a key, and a replay told from a new grant.
+    let mut conn = app.pool.acquire().await.unwrap();
+    let found = gift_store::find_grant(&mut conn, merchant.id, GrantSource::Manual, "issue-1")
+        .await
+        .unwrap()
+        .expect("the grant of issue-1");
+    assert_eq!(found.code.display(), grant.code);
+    let request = gift_store::GrantRequest {
+        customer_id: customer_id(&app, &merchant, "card-1").await,
+        gift_id: "free-coffee",
+        source: GrantSource::Manual,
+        source_reference: "issue-1",
+        purchase_id: None,
+        now: Utc::now(),
+        delay_hours: 0,
+    };
+    match gift_store::try_grant(&mut conn, merchant.id, &request)
+        .await
+        .unwrap()
+    {
+        gift_store::Granted::Replayed(replayed) => assert_eq!(replayed, found),
+        other => panic!("a replay, not {other:?}"),
+    }
+    let fresh = gift_store::GrantRequest {
+        source_reference: "issue-by-store",
+        ..request
+    };
+    assert!(matches!(
+        gift_store::try_grant(&mut conn, merchant.id, &fresh)
+            .await
+            .unwrap(),
+        gift_store::Granted::Created(_)
+    ));
+    assert!(
+        gift_store::find_grant(&mut conn, merchant.id, GrantSource::Points, "issue-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    drop(conn);
+
     for (request, code) in [
         (issue("card-9", "free-coffee", "issue-3"), Code::NotFound),
         (issue("card-1", "no-such-gift", "issue-3"), Code::NotFound),
