@@ -91,7 +91,7 @@ CREATE INDEX gift_grants_purchase_idx
 -- reference "<rule_id>:<occasion key>" (e.g. the greeting's year), so each fires once.
 CREATE TABLE gift_rules (
     merchant_id     bigint      NOT NULL REFERENCES merchants (id),
-    rule_id         text        NOT NULL CHECK (length(rule_id) BETWEEN 1 AND 64),
+    rule_id         text        NOT NULL CHECK (length(rule_id) BETWEEN 1 AND 64 AND strpos(rule_id, ':') = 0),
     trigger         text        NOT NULL CHECK (trigger IN ('first_purchase', 'every_nth_purchase')),
     every_n         integer     CHECK (every_n IS NULL OR every_n BETWEEN 1 AND 10000),
     gift_id         text        NOT NULL,

@@ -276,7 +276,8 @@ impl GrantSource {
 }
 
 /// The source reference of a grant made by a rule for a purchase: each rule fires once per
-/// purchase, however often the purchase is replayed.
+/// purchase, however often the purchase is replayed. Rule ids have no ':', so two
+/// (rule, purchase) pairs never share a reference.
 pub fn rule_reference(rule_id: &str, purchase_id: &str) -> String {
     format!("{rule_id}:{purchase_id}")
 }
@@ -480,7 +481,16 @@ impl GiftRuleSpec {
     /// Validates every field; violations are named `rule.<field>`.
     pub fn parse(input: GiftRuleInput) -> Result<GiftRuleSpec, Invalid> {
         let mut v = Violations::default();
-        let rule_id = v.check(gift_id("rule.rule_id", &input.rule_id));
+        let rule_id = v
+            .check(gift_id("rule.rule_id", &input.rule_id))
+            .filter(|id| {
+                // ':' ends the rule id in the grants' source references ([`rule_reference`]).
+                let clean = !id.contains(':');
+                if !clean {
+                    v.add("rule.rule_id", "must not contain ':'");
+                }
+                clean
+            });
         let gift_id = v.check(gift_id("rule.gift_id", &input.gift_id));
         let trigger = match input.trigger {
             TriggerInput::Unspecified => {
@@ -1006,10 +1016,16 @@ mod tests {
         assert_eq!(fields(bad), ["rule.trigger"]);
         let bad = GiftRuleSpec::parse(GiftRuleInput {
             every_n: 3,
-            ..input
+            ..input.clone()
         })
         .unwrap_err();
         assert_eq!(fields(bad), ["rule.every_n"]);
+        let bad = GiftRuleSpec::parse(GiftRuleInput {
+            rule_id: "xmas:2026".into(),
+            ..input
+        })
+        .unwrap_err();
+        assert_eq!(fields(bad), ["rule.rule_id"]);
     }
 
     fn at(hour: u32) -> DateTime<Utc> {
