@@ -1501,3 +1501,141 @@ mod bad_input {
         rt.block_on(app.stop());
     }
 }
+
+/// A served process at trace level, through a whole gift flow: no code (as shown, as typed,
+/// or as stored) ever reaches its logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_process_never_logs_a_gift_code() {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    use tonic::transport::Channel;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_loyalty");
+    let db = common::TestDb::create().await;
+    let created = Command::new(BIN)
+        .args(["merchant", "create", "Shop", "--currency", "EUR", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .env("LOYALTY_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let merchant: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let admin_key = merchant["admin_key"].as_str().unwrap().to_string();
+
+    let port = common::cluster::free_port();
+    let mut server = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", common::redis_url())
+        .env("LOYALTY_REDIS_PREFIX", format!("test:{}", db.name))
+        .env("LOYALTY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace,h2=info,hyper=info,tower=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let channel = loop {
+        if let Ok(channel) = Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            break channel;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let bearer = TestApp::bearer(&admin_key);
+    let mut program = pb::program_service_client::ProgramServiceClient::with_interceptor(
+        channel.clone(),
+        bearer.clone(),
+    );
+    let mut checkout = pb::checkout_service_client::CheckoutServiceClient::with_interceptor(
+        channel.clone(),
+        bearer.clone(),
+    );
+    let mut member =
+        pb::member_service_client::MemberServiceClient::with_interceptor(channel, bearer);
+    checkout
+        .record_purchase(purchase("card-1", "r-1", 1000))
+        .await
+        .unwrap();
+    program
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(gift("free-coffee")),
+        })
+        .await
+        .unwrap();
+    let code = program
+        .issue_gift(issue("card-1", "free-coffee", "issue-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+        .code;
+    let listed = member
+        .list_customer_gifts(pb::ListCustomerGiftsRequest {
+            external_id: "card-1".into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.grants[0].code, code);
+    let typed = code.replace('-', " ").to_lowercase();
+    checkout
+        .redeem_gift(redeem(&typed, "till-1"))
+        .await
+        .unwrap();
+    // Refusals too: redeemed already, and mistyped.
+    checkout
+        .redeem_gift(redeem(&code, "till-2"))
+        .await
+        .unwrap_err();
+    let mut chars: Vec<char> = code.chars().collect();
+    chars[0] = if chars[0] == 'A' { 'B' } else { 'A' };
+    let mistyped: String = chars.into_iter().collect();
+    checkout
+        .redeem_gift(redeem(&mistyped, "till-3"))
+        .await
+        .unwrap_err();
+
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while server.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = server.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(logs.contains("gift redeemed"), "the flow ran: {logs}");
+    let stored = code.replace('-', "");
+    let prefix = stored[..8].to_string();
+    for secret in [code, typed, stored, mistyped, prefix] {
+        assert!(!logs.contains(&secret), "a gift code leaked into the logs");
+    }
+    db.drop_database().await;
+}
