@@ -7,7 +7,8 @@
 //!   source key; [`try_grant`] tells a new grant from a replay and [`find_grant`] finds the
 //!   grant of a key (ClaimGift: debit the points only for a new grant).
 //! - [`grants_for_purchase_rules`]: the grants of the gift rules a purchase fires, for
-//!   RecordPurchase (ask [`has_purchase_rules`] first to skip it cheaply).
+//!   RecordPurchase (ask [`has_purchase_rules`] first, or fold [`PURCHASE_RULES_EXIST`] into
+//!   a statement checkout runs anyway, to skip it cheaply).
 //! - [`grants_of_purchase`]: what a purchase triggered, for the answer to its replay.
 //! - [`revoke_for_purchase`]: ReturnPurchase takes back what the purchase triggered.
 
@@ -340,21 +341,32 @@ fn sort_grants(grants: &mut [Grant]) {
     grants.sort_by(|a, b| (a.valid_from, a.code.as_str()).cmp(&(b.valid_from, b.code.as_str())));
 }
 
+/// The SQL boolean "merchant `$1` has an active purchase rule" (an index-only probe of
+/// `gift_rules_purchase_idx`).
+macro_rules! purchase_rules_exist {
+    () => {
+        "EXISTS (SELECT 1 FROM gift_rules
+                  WHERE merchant_id = $1 AND active
+                    AND trigger IN ('first_purchase', 'every_nth_purchase'))"
+    };
+}
+
+/// [`has_purchase_rules`] as a SQL expression of the merchant id `$1`, for a statement that
+/// checkout runs anyway (e.g. `SELECT ..., <this> AS has_gift_rules` in its context read), so
+/// the question costs no round trip of its own.
+pub const PURCHASE_RULES_EXIST: &str = purchase_rules_exist!();
+
 /// Whether the merchant has any active purchase rule (an index-only probe), so checkout can
-/// skip [`grants_for_purchase_rules`] when not.
+/// skip [`grants_for_purchase_rules`] (and its transaction) when not.
 pub async fn has_purchase_rules(
     conn: &mut PgConnection,
     merchant: MerchantId,
 ) -> Result<bool, Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM gift_rules
-                         WHERE merchant_id = $1 AND active
-                           AND trigger IN ('first_purchase', 'every_nth_purchase'))",
-    )
-    .bind(merchant.0)
-    .fetch_one(conn)
-    .await
-    .map_err(db_error)
+    sqlx::query_scalar(concat!("SELECT ", purchase_rules_exist!()))
+        .bind(merchant.0)
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)
 }
 
 /// The active purchase rules of the merchant.

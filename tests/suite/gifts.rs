@@ -1082,6 +1082,16 @@ async fn purchase_rules_grant_once_skip_sold_out_gifts_and_returns_revoke_them()
             .await
             .unwrap()
     );
+    // The same question folded into another statement (as checkout's context read may).
+    let folded: (i64, bool) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT $1, {} FROM programs WHERE merchant_id = $1",
+        gift_store::PURCHASE_RULES_EXIST
+    )))
+    .bind(merchant.id.0)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(folded, (merchant.id.0, true));
     let other = app.merchant().await;
     assert!(
         !gift_store::has_purchase_rules(&mut conn, other.id)
