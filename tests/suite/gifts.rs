@@ -1649,3 +1649,90 @@ async fn a_served_process_never_logs_a_gift_code() {
     }
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scope_reaches_exactly_its_gift_methods() {
+    let app = TestApp::spawn().await;
+    let (merchant, pos) = shop(&app).await;
+    create(&app, &merchant, gift("free-coffee")).await;
+    let backend = app.key(&merchant, Scope::App).await;
+    let keys = [
+        ("pos", pos.clone()),
+        ("app", backend.clone()),
+        ("scheduler", app.key(&merchant, Scope::Scheduler).await),
+        ("admin", merchant.admin_key.clone()),
+        ("customer", app.customer_token(&backend, "card-1").await),
+    ];
+    for (scope, key) in keys {
+        let mut program = app.program(&key).await;
+        let mut member = app.member(&key).await;
+        let mut checkout = app.checkout(&key).await;
+        let denied = |result: Result<(), tonic::Status>| matches!(result, Err(status) if status.code() == Code::PermissionDenied);
+        let admin_only = [
+            denied(
+                program
+                    .list_gifts(pb::ListGiftsRequest::default())
+                    .await
+                    .map(|_| ()),
+            ),
+            denied(
+                program
+                    .list_gift_rules(pb::ListGiftRulesRequest {})
+                    .await
+                    .map(|_| ()),
+            ),
+            denied(
+                program
+                    .issue_gift(issue("card-1", "free-coffee", &format!("k-{scope}")))
+                    .await
+                    .map(|_| ()),
+            ),
+            denied(
+                program
+                    .update_gift(pb::UpdateGiftRequest {
+                        gift: Some(gift("free-coffee")),
+                        expected_version: 0,
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ];
+        let reads = [
+            denied(
+                member
+                    .list_gift_catalog(pb::ListGiftCatalogRequest::default())
+                    .await
+                    .map(|_| ()),
+            ),
+            denied(
+                member
+                    .list_customer_gifts(pb::ListCustomerGiftsRequest {
+                        external_id: "card-1".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ];
+        // A well-formed unknown code: NOT_FOUND for those who may redeem.
+        let redeem_denied = denied(
+            checkout
+                .redeem_gift(redeem(&GiftCode::generate().display(), "k"))
+                .await
+                .map(|_| ()),
+        );
+        let (may_admin, may_read, may_redeem) = match scope {
+            "admin" => (true, true, true),
+            "pos" => (false, true, true),
+            "app" | "customer" => (false, true, false),
+            _ => (false, false, false),
+        };
+        assert_eq!(
+            admin_only, [!may_admin; 4],
+            "{scope}: ProgramService gift methods"
+        );
+        assert_eq!(reads, [!may_read; 2], "{scope}: MemberService gift reads");
+        assert_eq!(redeem_denied, !may_redeem, "{scope}: RedeemGift");
+    }
+    app.stop().await;
+}
