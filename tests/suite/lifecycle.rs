@@ -940,13 +940,14 @@ async fn the_lifecycle_migration_gives_earlier_balances_their_lots() {
             .await
             .unwrap();
     }
-    let lots: Vec<(
+    type Lot = (
         i64,
         String,
         i64,
         bool,
         Option<chrono::DateTime<chrono::Utc>>,
-    )> = sqlx::query_as(
+    );
+    let lots: Vec<Lot> = sqlx::query_as(
         "SELECT merchant_id, source_reference, remaining, matured, expires_at
            FROM point_lots ORDER BY merchant_id, source_reference",
     )
