@@ -567,6 +567,17 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// The grant as it was when it was made, for the answer of the request that made it: a
+    /// replay of that request gets the same answer even after the grant was redeemed since.
+    pub fn as_made(&self) -> Grant {
+        Grant {
+            status: GrantStatus::Issued,
+            redeemed_at: None,
+            redeemed_store_id: None,
+            ..self.clone()
+        }
+    }
+
     /// The status at `now`: an issued grant whose window has ended is expired, whether or not
     /// a sweep has written it.
     pub fn status_at(&self, now: DateTime<Utc>) -> GrantStatus {

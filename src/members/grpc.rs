@@ -10,6 +10,7 @@ use crate::pb::{self, member_service_server::MemberService};
 use crate::platform::proto::{caller, timestamp};
 use crate::platform::validation;
 use crate::points::rules::ledger::PageRequest;
+use crate::points::rules::requests::Claim;
 use crate::points::{self, Points};
 
 pub struct MemberApi {
@@ -127,6 +128,23 @@ impl MemberService for MemberApi {
         request: Request<pb::ListCustomerGiftsRequest>,
     ) -> Result<Response<pb::ListCustomerGiftsResponse>, Status> {
         crate::gifts::grpc::list_customer_gifts(&self.gifts, request).await
+    }
+
+    async fn claim_gift(
+        &self,
+        request: Request<pb::ClaimGiftRequest>,
+    ) -> Result<Response<pb::ClaimGiftResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let claim = Claim::parse(&r.external_id, &r.gift_id, &r.claim_key)?;
+        let claimed = self.points.claim_gift(&caller, claim).await?;
+        Ok(Response::new(pb::ClaimGiftResponse {
+            grant: Some(crate::gifts::grant_message(
+                &claimed.grant,
+                claimed.grant.created_at,
+            )),
+            balance: Some(points::balance_message(&claimed.account)),
+        }))
     }
 }
 

@@ -28,6 +28,7 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("IssueCustomerToken", READ),
         Method::unary("ListGiftCatalog", CUSTOMER_READ),
         Method::unary("ListCustomerGifts", CUSTOMER_READ),
+        Method::unary("ClaimGift", READ),
     ],
 };
 

@@ -137,6 +137,7 @@ impl CheckoutService for CheckoutApi {
             points_clawed_back: outcome.points_clawed_back,
             points_written_off: outcome.points_written_off,
             points_refunded: outcome.points_refunded,
+            gifts_revoked: outcome.gifts_revoked,
         }))
     }
 
@@ -211,7 +212,11 @@ fn receipt_message(receipt: PurchaseReceipt) -> pb::RecordPurchaseResponse {
         purchase_id: receipt.purchase_id,
         external_id: receipt.external_id,
         points_earned: receipt.points_earned,
-        gifts_issued: Vec::new(),
+        gifts_issued: receipt
+            .gifts
+            .iter()
+            .map(|grant| crate::gifts::grant_message(&grant.as_made(), grant.created_at))
+            .collect(),
     }
 }
 

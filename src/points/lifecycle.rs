@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
 use crate::error::Error;
+use crate::gifts;
+use crate::gifts::rules::{Grant, GrantSource};
+use crate::gifts::store::{GrantRequest, Granted};
 use crate::platform::account::AccountState;
 use crate::platform::audit;
 use crate::platform::caller::{Caller, MerchantId};
@@ -28,7 +31,9 @@ use crate::points::rules::lots::{
     LotTerms, ReturnableLine, clawback_for, plan_clawback, refund_for, spread_amount,
     take_soonest_expiring,
 };
-use crate::points::rules::requests::{Adjustment, Hold, Redemption, ReturnRequest, Returned};
+use crate::points::rules::requests::{
+    Adjustment, Claim, Hold, Redemption, ReturnRequest, Returned,
+};
 use crate::points::store::lifecycle::{
     self as store, AccountChange, Entry, LockedAccount, OperationTable, ReservationRow, Stored,
 };
@@ -90,6 +95,9 @@ pub struct ReturnOutcome {
     pub points_clawed_back: i64,
     pub points_written_off: i64,
     pub points_refunded: i64,
+    /// Gifts the purchase granted, still unredeemed, revoked because all of it came back.
+    #[serde(default)]
+    pub gifts_revoked: u64,
     pub account: AccountState,
 }
 
@@ -98,6 +106,19 @@ pub struct ReturnOutcome {
 pub struct Adjusted {
     pub points: i64,
     pub account: AccountState,
+}
+
+/// The answer of a gift claim: the grant and the balance after its price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub grant: Grant,
+    pub account: AccountState,
+}
+
+/// What a claim stores besides its grant (which gift_grants keeps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClaimAnswer {
+    account: AccountState,
 }
 
 /// What one sweep pass did.
@@ -604,7 +625,15 @@ impl Points {
                 },
             )
             .await?;
+        // A purchase returned in full takes back the gifts it fired (those not redeemed yet).
+        let fully_returned = purchase.returned_minor + returned_minor == purchase.total_minor;
+        let gifts_revoked = if fully_returned {
+            gifts::store::revoke_for_purchase(&mut tx, merchant, &r.purchase_id, now).await?
+        } else {
+            0
+        };
         let answer = ReturnOutcome {
+            gifts_revoked,
             purchase_id: r.purchase_id.clone(),
             external_id: purchase.external_id.clone(),
             returned_minor,
@@ -756,6 +785,111 @@ impl Points {
             .await;
         tracing::info!(%merchant, points = a.points, "points adjusted");
         Ok(answer)
+    }
+
+    /// Claims a gift with points: the points debit, the stock and the grant in one
+    /// transaction, so a claim never oversells and never takes points without a grant.
+    pub async fn claim_gift(&self, caller: &Caller, claim: Claim) -> Result<Claimed, Error> {
+        caller.may_read(&claim.external_id)?;
+        let points = self.clone();
+        let merchant = caller.merchant;
+        detach(async move { points.claim_attached(merchant, &claim).await }).await
+    }
+
+    async fn claim_attached(&self, merchant: MerchantId, c: &Claim) -> Result<Claimed, Error> {
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let account = store::lock_account(&mut tx, merchant, &c.external_id)
+            .await?
+            .ok_or(Error::NotFound("customer"))?;
+        let table = OperationTable::GiftClaims;
+        if let Some(stored) = store::find_operation(&mut tx, table, merchant, &c.claim_key).await? {
+            let answer: ClaimAnswer = replay(stored, c.fingerprint(), "claim_key", &c.claim_key)?;
+            let grant =
+                gifts::store::find_grant(&mut tx, merchant, GrantSource::Points, &c.claim_key)
+                    .await?
+                    .ok_or_else(|| Error::internal("a stored gift claim has no grant"))?;
+            return Ok(Claimed {
+                grant: grant.as_made(),
+                account: answer.account,
+            });
+        }
+        let gift = gifts::store::load_gift(&mut tx, merchant, &c.gift_id)
+            .await?
+            .ok_or(Error::NotFound("gift"))?;
+        let Some(price) = gift.spec.points_price else {
+            return Err(Error::FailedPrecondition(format!(
+                "gift {:?} cannot be claimed with points",
+                c.gift_id
+            )));
+        };
+        self.debit(
+            &mut tx,
+            merchant,
+            &account,
+            price,
+            EntryKind::Redeem,
+            &c.claim_key,
+        )
+        .await?;
+        let request = GrantRequest {
+            customer_id: account.customer_id,
+            gift_id: &c.gift_id,
+            source: GrantSource::Points,
+            source_reference: &c.claim_key,
+            purchase_id: None,
+            now,
+            delay_hours: 0,
+        };
+        // Nothing granted: the transaction (and its debit) is dropped.
+        let grant = match gifts::store::try_grant(&mut tx, merchant, &request).await? {
+            Granted::Created(grant) => grant,
+            Granted::Replayed(_) => {
+                return Err(Error::internal("a claim key granted without its claim row"));
+            }
+            Granted::NoSuchGift => return Err(Error::NotFound("gift")),
+            Granted::Inactive => {
+                return Err(Error::FailedPrecondition("the gift is not active".into()));
+            }
+            Granted::SoldOut => {
+                return Err(Error::FailedPrecondition("the gift is out of stock".into()));
+            }
+        };
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: -price,
+                    lifetime_redeemed: price,
+                    versions: 1,
+                    debit: true,
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
+        store::insert_claim(
+            &mut tx,
+            merchant,
+            &store::ClaimRow {
+                claim_key: &c.claim_key,
+                customer_id: account.customer_id,
+                gift_id: &c.gift_id,
+                points: price,
+                request_hash: &c.fingerprint(),
+                answer: &ClaimAnswer { account: state },
+            },
+        )
+        .await?;
+        commit(tx).await?;
+        self.publisher
+            .publish(merchant, &c.external_id, &state)
+            .await;
+        Ok(Claimed {
+            grant,
+            account: state,
+        })
     }
 
     /// Takes `points` from the customer's spendable lots, soonest-expiring first, as ledger

@@ -3,7 +3,9 @@
 //! script from these constants, and `sql/checkout.pgbench` beside them is that script (a test
 //! of the bench keeps the two equal).
 
-/// Checkout, step 1: the program version and the customer's id (NULL when not enrolled).
+/// Checkout, step 1: the program version, the customer's id (NULL when not enrolled) and
+/// whether the merchant has gift rules that a purchase may fire (`gifts::store::
+/// PURCHASE_RULES_EXIST`, spelled out in the file; a test keeps the two equal).
 /// `$1` merchant_id, `$2` external_id.
 pub const CHECKOUT_CONTEXT: &str = include_str!("sql/checkout_context.sql");
 
@@ -12,3 +14,19 @@ pub const RECORD_PURCHASE: &str = include_str!("sql/record_purchase.sql");
 
 /// Creates a customer (and their empty account) if the external id is new.
 pub const ENROLL_ON_PURCHASE: &str = include_str!("sql/enroll_on_purchase.sql");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn the_checkout_context_asks_the_gift_rule_question_of_the_gifts_feature() {
+        assert!(
+            words(CHECKOUT_CONTEXT).contains(&words(crate::gifts::store::PURCHASE_RULES_EXIST))
+        );
+    }
+}

@@ -139,15 +139,24 @@ pub async fn find(
     }))
 }
 
-/// What checkout needs before it can write: the program version (to know whether the
-/// in-memory program is current) and the customer's id, `None` if not enrolled yet.
-/// `None` overall when the merchant has no program (it does not exist).
+/// What checkout needs before it can write.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct CheckoutContext {
+    /// To know whether the in-memory program is current.
+    pub program_version: i64,
+    /// `None` if not enrolled yet.
+    pub customer_id: Option<i64>,
+    /// Whether a purchase may fire gift rules (it then runs in a transaction with them).
+    pub has_gift_rules: bool,
+}
+
+/// The checkout context; `None` when the merchant has no program (it does not exist).
 pub async fn checkout_context(
     conn: &mut PgConnection,
     merchant: MerchantId,
     external_id: &str,
-) -> Result<Option<(i64, Option<i64>)>, Error> {
-    sqlx::query_as::<_, (i64, Option<i64>)>(sql::CHECKOUT_CONTEXT)
+) -> Result<Option<CheckoutContext>, Error> {
+    sqlx::query_as::<_, CheckoutContext>(sql::CHECKOUT_CONTEXT)
         .bind(merchant.0)
         .bind(external_id)
         .fetch_optional(conn)

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::Connection;
 
 use crate::error::Error;
+use crate::gifts;
+use crate::gifts::rules::GrantSource;
 use crate::platform::account::{self, AccountState};
 use crate::platform::cache::CacheRead;
 use crate::platform::caller::{Caller, MerchantId};
@@ -99,13 +101,12 @@ impl Points {
     ) -> Result<PurchaseReceipt, Error> {
         let merchant = caller.merchant;
         let mut conn = self.store.acquire().await?;
-        let (program_version, customer_id) =
-            store::checkout_context(&mut conn, merchant, &purchase.external_id)
-                .await?
-                .ok_or(Error::NotFound("program"))?;
+        let context = store::checkout_context(&mut conn, merchant, &purchase.external_id)
+            .await?
+            .ok_or(Error::NotFound("program"))?;
         let program = self
             .programs
-            .get(&mut conn, merchant, program_version)
+            .get(&mut conn, merchant, context.program_version)
             .await?;
         let basket = &purchase.basket;
         let lifecycle = program.rules.lifecycle;
@@ -133,23 +134,47 @@ impl Points {
             }
         };
 
-        let lot = LotTerms::of_purchase(&lifecycle, basket.occurred_at, self.clock.now());
-        let outcome = match customer_id {
-            Some(customer_id) => {
-                store::record(&mut conn, merchant, customer_id, purchase, &earned, &lot).await?
+        let now = self.clock.now();
+        let lot = LotTerms::of_purchase(&lifecycle, basket.occurred_at, now);
+        let (outcome, gifts) = match (context.customer_id, context.has_gift_rules) {
+            // The hot path: a known customer and no gift rule to fire, one statement.
+            (Some(customer_id), false) => {
+                let outcome =
+                    store::record(&mut conn, merchant, customer_id, purchase, &earned, &lot)
+                        .await?;
+                (outcome, Vec::new())
             }
-            None => {
-                // A new customer: enrolled in the transaction of their first purchase.
+            // A new customer is enrolled in the transaction of their first purchase, and the
+            // gifts a purchase fires are granted in its transaction.
+            (customer_id, has_gift_rules) => {
                 let mut tx = conn.begin().await.map_err(db_error)?;
-                let customer_id =
-                    store::enroll_on_purchase(&mut tx, merchant, &purchase.external_id).await?;
+                let customer_id = match customer_id {
+                    Some(id) => id,
+                    None => {
+                        store::enroll_on_purchase(&mut tx, merchant, &purchase.external_id).await?
+                    }
+                };
                 let outcome =
                     store::record(&mut tx, merchant, customer_id, purchase, &earned, &lot).await?;
+                let gifts = match &outcome {
+                    RecordOutcome::Recorded(account) if has_gift_rules => {
+                        gifts::store::grants_for_purchase_rules(
+                            &mut tx,
+                            merchant,
+                            customer_id,
+                            &purchase.purchase_id,
+                            account.purchase_count,
+                            now,
+                        )
+                        .await?
+                    }
+                    _ => Vec::new(),
+                };
                 match outcome {
                     RecordOutcome::Recorded(_) => commit(tx).await?,
                     RecordOutcome::AlreadyTaken => tx.rollback().await.map_err(db_error)?,
                 }
-                outcome
+                (outcome, gifts)
             }
         };
 
@@ -164,6 +189,7 @@ impl Points {
                     external_id: purchase.external_id.clone(),
                     points_earned: earned.points,
                     account,
+                    gifts,
                 })
             }
             RecordOutcome::AlreadyTaken => {
@@ -197,11 +223,17 @@ impl Points {
         purchase: &Purchase,
         stored: StoredPurchase,
     ) -> Result<PurchaseReceipt, Error> {
-        let receipt = replay(purchase, stored)?;
+        let mut receipt = replay(purchase, stored)?;
         // The first attempt may have died between its commit and its cache update (a till
         // retries exactly then): publish the customer's current state. (Not the state in the
         // receipt: into an empty cache slot that could be older than purchases made since.)
         let mut conn = self.store.acquire().await?;
+        receipt.gifts =
+            gifts::store::grants_of_purchase(&mut conn, merchant, &purchase.purchase_id)
+                .await?
+                .into_iter()
+                .filter(|grant| grant.source == GrantSource::Rule)
+                .collect();
         if let Some(current) = account::load(&mut conn, merchant, &receipt.external_id).await? {
             drop(conn);
             self.publisher
@@ -324,5 +356,6 @@ fn replay(purchase: &Purchase, stored: StoredPurchase) -> Result<PurchaseReceipt
         external_id: stored.external_id,
         points_earned: stored.points_earned,
         account: stored.account_after,
+        gifts: Vec::new(),
     })
 }

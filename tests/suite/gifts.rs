@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{Merchant, Options, ShiftedClock, TestApp, purchase, violated_fields};
+use futures::future::join_all;
 use loyalty::gifts::rules::{GiftCode, GrantSource, GrantStatus};
 use loyalty::gifts::store as gift_store;
 use loyalty::pb;
@@ -1734,5 +1735,300 @@ async fn each_scope_reaches_exactly_its_gift_methods() {
         assert_eq!(reads, [!may_read; 2], "{scope}: MemberService gift reads");
         assert_eq!(redeem_denied, !may_redeem, "{scope}: RedeemGift");
     }
+    app.stop().await;
+}
+
+fn claim(external_id: &str, gift_id: &str, claim_key: &str) -> pb::ClaimGiftRequest {
+    pb::ClaimGiftRequest {
+        external_id: external_id.into(),
+        gift_id: gift_id.into(),
+        claim_key: claim_key.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_claims_on_a_stock_of_five_sell_exactly_five() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let app_key = app.key(&merchant, Scope::App).await;
+    let mut checkout = app.checkout(&pos).await;
+    for i in 0..20 {
+        checkout
+            .record_purchase(purchase(&format!("card-{i}"), &format!("r-{i}"), 20_000))
+            .await
+            .unwrap();
+    }
+    create(
+        &app,
+        &merchant,
+        pb::Gift {
+            points_price: Some(150),
+            stock: Some(5),
+            ..gift("tote-bag")
+        },
+    )
+    .await;
+    let member = app.member(&app_key).await;
+    let claims = (0..20).map(|i| {
+        let mut member = member.clone();
+        tokio::spawn(async move {
+            member
+                .claim_gift(claim(
+                    &format!("card-{i}"),
+                    "tote-bag",
+                    &format!("claim-{i}"),
+                ))
+                .await
+        })
+    });
+    let results: Vec<_> = join_all(claims)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 5);
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    }
+    // The winners paid, the others kept every point.
+    let paid: i64 = count(
+        &app,
+        "SELECT count(*) FROM accounts WHERE available = 50 AND lifetime_redeemed = 150",
+    )
+    .await;
+    let kept: i64 = count(
+        &app,
+        "SELECT count(*) FROM accounts WHERE available = 200 AND lifetime_redeemed = 0",
+    )
+    .await;
+    assert_eq!((paid, kept), (5, 15));
+    assert_eq!(
+        count(&app, "SELECT stock FROM gifts WHERE gift_id = 'tote-bag'").await,
+        0
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM gift_grants").await, 5);
+    app.assert_ledger_invariant().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_replays_its_answer_and_refuses_what_it_cannot_pay() {
+    let app = TestApp::spawn().await;
+    let (merchant, pos) = shop(&app).await; // card-1 and card-2 hold 10 points each
+    create(
+        &app,
+        &merchant,
+        pb::Gift {
+            points_price: Some(4),
+            ..gift("sticker")
+        },
+    )
+    .await;
+    create(
+        &app,
+        &merchant,
+        pb::Gift {
+            points_price: None,
+            ..gift("not-for-points")
+        },
+    )
+    .await;
+    let mut member = app.member(&pos).await;
+    let first = member
+        .claim_gift(claim("card-1", "sticker", "k-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.balance.as_ref().unwrap().available, 6);
+    let grant = first.grant.clone().unwrap();
+    assert_eq!(grant.status, pb::GiftGrantStatus::Issued as i32);
+    assert_eq!(grant.source, pb::GiftSource::Points as i32);
+    // Redeemed at the till since: a replay of the claim still answers as the claim did.
+    app.checkout(&pos)
+        .await
+        .redeem_gift(redeem(&grant.code, "till-1"))
+        .await
+        .unwrap();
+    let replay = member
+        .claim_gift(claim("card-1", "sticker", "k-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, first);
+    let other = member
+        .claim_gift(claim("card-2", "sticker", "k-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    let counts = app.row_counts().await;
+    member
+        .claim_gift(claim("card-1", "sticker", "k-2"))
+        .await
+        .unwrap();
+    let broke = member
+        .claim_gift(claim("card-1", "sticker", "k-3"))
+        .await
+        .unwrap_err();
+    assert_eq!(broke.code(), Code::FailedPrecondition);
+    assert!(
+        broke.message().contains("2 available"),
+        "{}",
+        broke.message()
+    );
+    let unpriced = member
+        .claim_gift(claim("card-2", "not-for-points", "k-4"))
+        .await
+        .unwrap_err();
+    assert_eq!(unpriced.code(), Code::FailedPrecondition);
+    let missing = member
+        .claim_gift(claim("card-2", "no-such-gift", "k-5"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let bad = member
+        .claim_gift(claim("", "sticker", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&bad), ["external_id", "claim_key"]);
+    // Only the second claim wrote.
+    assert_ne!(app.row_counts().await, counts);
+    assert_eq!(count(&app, "SELECT count(*) FROM gift_claims").await, 2);
+    // A customer token reads; it does not spend.
+    let token = app.customer_token(&pos, "card-2").await;
+    let status = app
+        .member(&token)
+        .await
+        .claim_gift(claim("card-2", "sticker", "k-6"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.assert_ledger_invariant().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_answers_with_the_gifts_it_fired_and_a_full_return_revokes_them() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    create(&app, &merchant, gift("come-back-coffee")).await;
+    create(&app, &merchant, gift("third-visit-cake")).await;
+    let mut program = app.program(&merchant.admin_key).await;
+    for (rule_id, trigger, every_n, gift_id) in [
+        (
+            "come-back",
+            pb::GiftTrigger::FirstPurchase,
+            0,
+            "come-back-coffee",
+        ),
+        (
+            "every-third",
+            pb::GiftTrigger::EveryNthPurchase,
+            3,
+            "third-visit-cake",
+        ),
+    ] {
+        program
+            .put_gift_rule(pb::PutGiftRuleRequest {
+                rule: Some(pb::GiftRule {
+                    rule_id: rule_id.into(),
+                    trigger: trigger as i32,
+                    every_n,
+                    gift_id: gift_id.into(),
+                    delay_hours: 0,
+                    active: true,
+                    ..Default::default()
+                }),
+                expected_version: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let mut checkout = app.checkout(&pos).await;
+    // A brand-new customer's first purchase fires the come-back gift.
+    let first = checkout
+        .record_purchase(purchase("card-9", "r-1", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.gifts_issued.len(), 1);
+    let come_back = &first.gifts_issued[0];
+    assert_eq!(come_back.gift_id, "come-back-coffee");
+    assert_eq!(come_back.purchase_id, "r-1");
+    assert_eq!(come_back.status, pb::GiftGrantStatus::Issued as i32);
+    // A retry answers the same, gifts included, and grants nothing more.
+    let again = checkout
+        .record_purchase(purchase("card-9", "r-1", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    let second = checkout
+        .record_purchase(purchase("card-9", "r-2", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.gifts_issued.is_empty());
+    let third = checkout
+        .record_purchase(purchase("card-9", "r-3", 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(third.gifts_issued.len(), 1);
+    assert_eq!(third.gifts_issued[0].gift_id, "third-visit-cake");
+    assert_eq!(count(&app, "SELECT count(*) FROM gift_grants").await, 2);
+
+    // Half of r-1 back keeps its gift; all of it revokes the gift.
+    let half = checkout
+        .return_purchase(pb::ReturnPurchaseRequest {
+            purchase_id: "r-1".into(),
+            return_id: "ret-1".into(),
+            amount_minor: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(half.gifts_revoked, 0);
+    let rest = checkout
+        .return_purchase(pb::ReturnPurchaseRequest {
+            purchase_id: "r-1".into(),
+            return_id: "ret-2".into(),
+            amount_minor: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.gifts_revoked, 1);
+    let gifts = app
+        .member(&pos)
+        .await
+        .list_customer_gifts(pb::ListCustomerGiftsRequest {
+            external_id: "card-9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    let status_of = |gift_id: &str| {
+        gifts
+            .iter()
+            .find(|g| g.gift_id == gift_id)
+            .map(|g| g.status)
+            .unwrap()
+    };
+    assert_eq!(
+        status_of("come-back-coffee"),
+        pb::GiftGrantStatus::Revoked as i32
+    );
+    assert_eq!(
+        status_of("third-visit-cake"),
+        pb::GiftGrantStatus::Issued as i32
+    );
+    app.assert_ledger_invariant().await;
     app.stop().await;
 }

@@ -17,4 +17,6 @@ pub struct PurchaseReceipt {
     pub points_earned: i64,
     /// The account right after this purchase.
     pub account: AccountState,
+    /// The gifts the purchase's rules granted, as they were granted.
+    pub gifts: Vec<crate::gifts::rules::Grant>,
 }

@@ -285,6 +285,39 @@ impl Adjustment {
     }
 }
 
+/// A gift claimed with points (`MemberService.ClaimGift`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub external_id: String,
+    pub gift_id: String,
+    pub claim_key: String,
+}
+
+impl Claim {
+    pub fn parse(external_id: &str, gift_id: &str, claim_key: &str) -> Result<Claim, Invalid> {
+        let mut v = Violations::default();
+        let external_id = v.check(validation::identifier("external_id", external_id));
+        let gift_id = v.check(crate::gifts::rules::gift_id("gift_id", gift_id));
+        let claim_key = v.check(validation::identifier("claim_key", claim_key));
+        match (external_id, gift_id, claim_key) {
+            (Some(external_id), Some(gift_id), Some(claim_key)) => Ok(Claim {
+                external_id,
+                gift_id,
+                claim_key,
+            }),
+            _ => Err(v.into_error()),
+        }
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(
+            "claim/v1",
+            &[&self.external_id, &self.gift_id, &self.claim_key],
+            &[],
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

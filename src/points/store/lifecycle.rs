@@ -343,6 +343,7 @@ pub enum OperationTable {
     Reservations,
     Returns,
     Adjustments,
+    GiftClaims,
 }
 
 impl OperationTable {
@@ -352,6 +353,7 @@ impl OperationTable {
             OperationTable::Reservations => ("reservations", "reservation_id"),
             OperationTable::Returns => ("purchase_returns", "return_id"),
             OperationTable::Adjustments => ("adjustments", "adjustment_key"),
+            OperationTable::GiftClaims => ("gift_claims", "claim_key"),
         }
     }
 }
@@ -828,5 +830,38 @@ pub async fn count_expiry(
     .execute(conn)
     .await
     .map_err(db_error)?;
+    Ok(())
+}
+
+/// The row of a gift claimed with points.
+pub struct ClaimRow<'a, T> {
+    pub claim_key: &'a str,
+    pub customer_id: i64,
+    pub gift_id: &'a str,
+    pub points: i64,
+    pub request_hash: &'a [u8],
+    pub answer: &'a T,
+}
+
+pub async fn insert_claim<T: Serialize + Sync>(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    row: &ClaimRow<'_, T>,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO gift_claims (merchant_id, claim_key, customer_id, gift_id, points,
+                                  request_hash, answer)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(merchant.0)
+    .bind(row.claim_key)
+    .bind(row.customer_id)
+    .bind(row.gift_id)
+    .bind(row.points)
+    .bind(row.request_hash)
+    .bind(Json(row.answer))
+    .execute(conn)
+    .await
+    .map_err(|e| key_taken(e, "claim_key", row.claim_key))?;
     Ok(())
 }
