@@ -5,6 +5,7 @@ use std::{env, path::PathBuf};
 
 const PROTOS: &[&str] = &[
     "proto/loyalty/v1/common.proto",
+    "proto/loyalty/v1/gifts.proto",
     "proto/loyalty/v1/checkout.proto",
     "proto/loyalty/v1/member.proto",
     "proto/loyalty/v1/program.proto",
@@ -16,6 +17,11 @@ const CONTACT_DATA_MESSAGES: &[&str] = &[
     "loyalty.v1.Customer",
     "loyalty.v1.EnrollCustomerRequest",
     "loyalty.v1.IssueCustomerTokenResponse",
+    // Gift codes are bearer secrets.
+    "loyalty.v1.GiftGrant",
+    "loyalty.v1.RedeemGiftRequest",
+    "loyalty.v1.ListCustomerGiftsRequest",
+    "loyalty.v1.ListCustomerGiftsResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

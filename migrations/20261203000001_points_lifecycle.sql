@@ -16,6 +16,14 @@ ALTER TABLE accounts
     ADD COLUMN debt bigint NOT NULL DEFAULT 0 CHECK (debt >= 0),
     ADD CONSTRAINT accounts_no_overdraft CHECK (available + debt >= 0);
 
+-- REDEEM entries come from three kinds of client key (redemption_id, a committed hold's
+-- reservation_id, a gift claim's claim_key), which share no namespace: one key of each kind
+-- may be equal. Their uniqueness is kept by the rows of those operations (each writes its
+-- entry once under the account lock); the ledger's own guard stays for every other kind.
+ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_operation_key;
+CREATE UNIQUE INDEX ledger_entries_operation_key ON ledger_entries (merchant_id, kind, reference)
+    WHERE kind <> 'redeem';
+
 ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_kind_check;
 ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_check
     CHECK (kind IN ('earn', 'redeem', 'reserve', 'release', 'return_clawback', 'expire',
@@ -165,7 +173,8 @@ CREATE TABLE adjustments (
 -- lot. (Only EARN entries existed before this migration.)
 INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
                         remaining, earned_at, available_at, matured, expires_at)
-SELECT a.merchant_id, a.customer_id, 'migrated', 'balance-before-lots', a.available,
+SELECT a.merchant_id, a.customer_id, 'migrated', c.external_id, a.available,
        a.available, a.updated_at, a.updated_at, true, NULL
   FROM accounts a
+  JOIN customers c ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
  WHERE a.available > 0;

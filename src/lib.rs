@@ -15,6 +15,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gifts;
 pub mod jobs;
 pub mod members;
 pub mod pb;

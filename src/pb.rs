@@ -1,6 +1,7 @@
 //! Code generated from `proto/loyalty/v1/*.proto`, plus the redacting `Debug` impls of the
-//! messages that carry personal contact data or a credential (their derived `Debug` is switched off in
-//! `build.rs`, so an accidental `{:?}` can never put an e-mail or phone number into a log).
+//! messages that carry personal contact data, a credential or a gift code (their derived
+//! `Debug` is switched off in `build.rs`, so an accidental `{:?}` can never put an e-mail,
+//! a phone number or a gift code into a log).
 
 use std::fmt;
 
@@ -56,6 +57,57 @@ impl fmt::Debug for IssueCustomerTokenResponse {
     }
 }
 
+/// A gift code (a bearer secret) shows only whether it is there.
+impl fmt::Debug for GiftGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GiftGrant")
+            .field("code", &redacted(&self.code))
+            .field("gift_id", &self.gift_id)
+            .field("gift_name", &self.gift_name)
+            .field("gift_kind", &self.gift_kind)
+            .field("external_id", &self.external_id)
+            .field("status", &self.status)
+            .field("source", &self.source)
+            .field("purchase_id", &self.purchase_id)
+            .field("valid_from", &self.valid_from)
+            .field("valid_until", &self.valid_until)
+            .field("redeemed_at", &self.redeemed_at)
+            .field("redeemed_store_id", &self.redeemed_store_id)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedeemGiftRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedeemGiftRequest")
+            .field("code", &redacted(&self.code))
+            .field("redemption_key", &self.redemption_key)
+            .field("store_id", &self.store_id)
+            .finish()
+    }
+}
+
+/// Its page token holds a code of the customer.
+impl fmt::Debug for ListCustomerGiftsRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListCustomerGiftsRequest")
+            .field("external_id", &self.external_id)
+            .field("page_size", &self.page_size)
+            .field("page_token", &redacted(&self.page_token))
+            .finish()
+    }
+}
+
+impl fmt::Debug for ListCustomerGiftsResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListCustomerGiftsResponse")
+            .field("grants", &self.grants)
+            .field("next_page_token", &redacted(&self.next_page_token))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +143,41 @@ mod tests {
             !printed.contains("ada@") && !printed.contains("+4412"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn debug_output_never_contains_gift_codes() {
+        let code = "ABCD-EFGH-JKMN-PQRS-T";
+        let grant = GiftGrant {
+            code: code.into(),
+            gift_id: "free-coffee".into(),
+            ..Default::default()
+        };
+        let response = ListCustomerGiftsResponse {
+            grants: vec![grant.clone()],
+            next_page_token: "Z3JhbnRzLnYxLjEuQUJDRA".into(),
+        };
+        let request = RedeemGiftRequest {
+            code: code.into(),
+            redemption_key: "till-1-42".into(),
+            store_id: String::new(),
+        };
+        let listing = ListCustomerGiftsRequest {
+            external_id: "card-1".into(),
+            page_size: 1,
+            page_token: "Z3JhbnRzLnYxLjEuQUJDRA".into(),
+        };
+        for printed in [
+            format!("{grant:?}"),
+            format!("{response:?}"),
+            format!("{request:?}"),
+            format!("{listing:?}"),
+        ] {
+            assert!(
+                !printed.contains("ABCD") && !printed.contains("Z3JhbnRz"),
+                "{printed}"
+            );
+        }
+        assert!(format!("{grant:?}").contains("free-coffee"));
     }
 }

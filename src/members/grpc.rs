@@ -15,6 +15,7 @@ use crate::points::{self, Points};
 pub struct MemberApi {
     pub members: Members,
     pub points: Points,
+    pub gifts: crate::gifts::Gifts,
 }
 
 fn external_id(value: &str) -> Result<(), Error> {
@@ -112,6 +113,20 @@ impl MemberService for MemberApi {
             token: issued.token,
             expires_at: Some(timestamp(issued.expires_at)),
         }))
+    }
+
+    async fn list_gift_catalog(
+        &self,
+        request: Request<pb::ListGiftCatalogRequest>,
+    ) -> Result<Response<pb::ListGiftCatalogResponse>, Status> {
+        crate::gifts::grpc::list_gift_catalog(&self.gifts, request).await
+    }
+
+    async fn list_customer_gifts(
+        &self,
+        request: Request<pb::ListCustomerGiftsRequest>,
+    ) -> Result<Response<pb::ListCustomerGiftsResponse>, Status> {
+        crate::gifts::grpc::list_customer_gifts(&self.gifts, request).await
     }
 }
 

@@ -26,6 +26,8 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("ListLedger", CUSTOMER_READ),
         // App backends (and tills) mint tokens for their signed-in customers.
         Method::unary("IssueCustomerToken", READ),
+        Method::unary("ListGiftCatalog", CUSTOMER_READ),
+        Method::unary("ListCustomerGifts", CUSTOMER_READ),
     ],
 };
 
@@ -55,6 +57,7 @@ pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::MemberApi {
         members: Members::new(parts),
         points: Points::new(parts, programs),
+        gifts: crate::gifts::Gifts::new(parts),
     };
     Service::new(
         DECLARATION,

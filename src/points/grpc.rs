@@ -17,6 +17,7 @@ use crate::points::{LedgerPage, Points};
 
 pub struct CheckoutApi {
     pub points: Points,
+    pub gifts: crate::gifts::Gifts,
 }
 
 #[tonic::async_trait]
@@ -138,6 +139,13 @@ impl CheckoutService for CheckoutApi {
             points_refunded: outcome.points_refunded,
         }))
     }
+
+    async fn redeem_gift(
+        &self,
+        request: Request<pb::RedeemGiftRequest>,
+    ) -> Result<Response<pb::RedeemGiftResponse>, Status> {
+        crate::gifts::grpc::redeem_gift(&self.gifts, request).await
+    }
 }
 
 fn settled_message(reservation_id: String, settled: Settled) -> pb::SettleReservationResponse {
@@ -203,6 +211,7 @@ fn receipt_message(receipt: PurchaseReceipt) -> pb::RecordPurchaseResponse {
         purchase_id: receipt.purchase_id,
         external_id: receipt.external_id,
         points_earned: receipt.points_earned,
+        gifts_issued: Vec::new(),
     }
 }
 

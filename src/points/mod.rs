@@ -40,6 +40,7 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("CommitReservation", POS),
         Method::unary("ReleaseReservation", POS),
         Method::unary("ReturnPurchase", POS),
+        Method::unary("RedeemGift", POS),
     ],
 };
 
@@ -93,6 +94,7 @@ impl LargeBaskets {
 pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::CheckoutApi {
         points: Points::new(parts, programs),
+        gifts: crate::gifts::Gifts::new(parts),
     };
     Service::new(
         DECLARATION,

@@ -75,7 +75,8 @@ pub async fn record(
         Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
         Ok(None) => Ok(RecordOutcome::AlreadyTaken),
         Err(error) => match violated_unique_constraint(&error).as_deref() {
-            Some("purchases_pkey" | "ledger_entries_operation_key") => {
+            // Whichever of the purchase's unique keys the losing copy hits first.
+            Some("purchases_pkey" | "ledger_entries_operation_key" | "point_lots_source_key") => {
                 Ok(RecordOutcome::AlreadyTaken)
             }
             _ => Err(db_error(error)),

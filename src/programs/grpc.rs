@@ -18,6 +18,7 @@ pub struct ProgramApi {
     pub programs: Programs,
     /// AdjustPoints is a points use case, answered here because admins find it here.
     pub points: Points,
+    pub gifts: crate::gifts::Gifts,
 }
 
 #[tonic::async_trait]
@@ -65,6 +66,48 @@ impl ProgramService for ProgramApi {
             points: adjusted.points,
             balance: Some(points::balance_message(&adjusted.account)),
         }))
+    }
+
+    async fn create_gift(
+        &self,
+        request: Request<pb::CreateGiftRequest>,
+    ) -> Result<Response<pb::CreateGiftResponse>, Status> {
+        crate::gifts::grpc::create_gift(&self.gifts, request).await
+    }
+
+    async fn update_gift(
+        &self,
+        request: Request<pb::UpdateGiftRequest>,
+    ) -> Result<Response<pb::UpdateGiftResponse>, Status> {
+        crate::gifts::grpc::update_gift(&self.gifts, request).await
+    }
+
+    async fn list_gifts(
+        &self,
+        request: Request<pb::ListGiftsRequest>,
+    ) -> Result<Response<pb::ListGiftsResponse>, Status> {
+        crate::gifts::grpc::list_gifts(&self.gifts, request).await
+    }
+
+    async fn issue_gift(
+        &self,
+        request: Request<pb::IssueGiftRequest>,
+    ) -> Result<Response<pb::IssueGiftResponse>, Status> {
+        crate::gifts::grpc::issue_gift(&self.gifts, request).await
+    }
+
+    async fn put_gift_rule(
+        &self,
+        request: Request<pb::PutGiftRuleRequest>,
+    ) -> Result<Response<pb::PutGiftRuleResponse>, Status> {
+        crate::gifts::grpc::put_gift_rule(&self.gifts, request).await
+    }
+
+    async fn list_gift_rules(
+        &self,
+        request: Request<pb::ListGiftRulesRequest>,
+    ) -> Result<Response<pb::ListGiftRulesResponse>, Status> {
+        crate::gifts::grpc::list_gift_rules(&self.gifts, request).await
     }
 }
 

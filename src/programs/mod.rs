@@ -21,6 +21,12 @@ pub const DECLARATION: Declaration = Declaration {
         Method::unary("GetProgram", ADMIN),
         Method::unary("UpdateProgram", ADMIN),
         Method::unary("AdjustPoints", ADMIN),
+        Method::unary("CreateGift", ADMIN),
+        Method::unary("UpdateGift", ADMIN),
+        Method::unary("ListGifts", ADMIN),
+        Method::unary("IssueGift", ADMIN),
+        Method::unary("PutGiftRule", ADMIN),
+        Method::unary("ListGiftRules", ADMIN),
     ],
 };
 
@@ -45,6 +51,7 @@ pub fn service(parts: &Parts, programs: &ProgramCache) -> Service {
     let api = grpc::ProgramApi {
         programs: Programs::new(parts, programs),
         points: crate::points::Points::new(parts, programs),
+        gifts: crate::gifts::Gifts::new(parts),
     };
     Service::new(
         DECLARATION,

@@ -891,3 +891,82 @@ async fn the_servers_own_sweep_releases_a_forgotten_hold() {
     assert_eq!(status, "expired");
     app.stop().await;
 }
+
+/// The lifecycle migration turns every balance earned before lots existed into one
+/// never-expiring lot per customer, for every merchant, so the lots agree with the accounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_migration_gives_earlier_balances_their_lots() {
+    use sqlx::Connection;
+    let admin_url = common::admin_database_url();
+    let name = format!("loyalty_t_migration_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut db = sqlx::PgConnection::connect(&common::with_database(&admin_url, &name))
+        .await
+        .unwrap();
+    let (before, after): (Vec<_>, Vec<_>) = loyalty::MIGRATOR
+        .iter()
+        .partition(|m| m.version < 20261203000001);
+    for migration in before {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    // Two merchants, each with customers who earned (one spent nothing, one has no points).
+    sqlx::raw_sql(
+        "INSERT INTO merchants (name) VALUES ('a'), ('b');
+         INSERT INTO customers (merchant_id, external_id) VALUES
+             (1, 'card-1'), (1, 'card-2'), (1, 'card-3'), (2, 'card-1');
+         INSERT INTO accounts (merchant_id, customer_id, available, lifetime_earned, version)
+         SELECT merchant_id, id, CASE external_id WHEN 'card-3' THEN 0 ELSE 40 END, 40, 1
+           FROM customers;",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    for migration in after {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    type Lot = (
+        i64,
+        String,
+        i64,
+        bool,
+        Option<chrono::DateTime<chrono::Utc>>,
+    );
+    let lots: Vec<Lot> = sqlx::query_as(
+        "SELECT merchant_id, source_reference, remaining, matured, expires_at
+           FROM point_lots ORDER BY merchant_id, source_reference",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        lots,
+        [
+            (1, "card-1".to_string(), 40, true, None),
+            (1, "card-2".to_string(), 40, true, None),
+            (2, "card-1".to_string(), 40, true, None),
+        ]
+    );
+    db.close().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}

@@ -9,6 +9,7 @@ mod cache;
 mod checkout;
 mod customer_tokens;
 mod exhaustion;
+mod gifts;
 mod lifecycle;
 mod members;
 mod program;

@@ -25,7 +25,9 @@ impl LotTerms {
     ) -> Self {
         let available_at = lifecycle.available_at(occurred_at);
         LotTerms {
-            spendable_now: available_at <= now,
+            // Without a pending period the points are spendable at once, even for a till whose
+            // clock runs a little ahead of ours.
+            spendable_now: lifecycle.pending_days == 0 || available_at <= now,
             available_at,
             expires_at: lifecycle.expiry.expires_at(occurred_at),
             extends_open_lots: lifecycle
@@ -239,6 +241,8 @@ mod tests {
         let credit = LotTerms::of_credit(lifecycle.expiry, Some(bought), day(20).unwrap());
         assert_eq!(credit.expires_at, terms.expires_at);
         assert!(credit.spendable_now && !credit.extends_open_lots);
+        let ahead = bought + chrono::Duration::minutes(4);
+        assert!(LotTerms::of_purchase(&Lifecycle::default(), ahead, bought).spendable_now);
         let never = LotTerms::of_purchase(&Lifecycle::default(), bought, bought);
         assert!(never.spendable_now && never.expires_at.is_none() && !never.extends_open_lots);
     }

@@ -222,7 +222,15 @@ pub async fn insert_lot(
     .bind(terms.expires_at)
     .execute(conn)
     .await
-    .map_err(db_error)?;
+    // The lot's source is the operation's client key: another customer's request took it.
+    .map_err(|e| {
+        let field = match source_kind {
+            "adjust" => "adjustment_key",
+            "redeem_refund" => "return_id",
+            other => other,
+        };
+        key_taken(e, field, source_reference)
+    })?;
     Ok(())
 }
 
