@@ -113,15 +113,16 @@ export LOYALTY_ENDPOINT="127.0.0.1:$PORT"
 CUSTOMER="card-$(date +%s)-$$"
 passed=0
 failed=0
-# True when a key or a customer token shows in one of the files (the examples' output, the
-# server's log): no key by value, and nothing shaped like a key (lk_...) or a token (lct_...).
+# True when a secret shows in one of the files (the examples' output, the server's log): no key
+# by value, and nothing shaped like a key (lk_...), a customer token (lct_...) or a gift code.
 leaks() {
-    grep -qF -e "$ADMIN_KEY" -e "$POS_KEY" -e "$APP_KEY" "$@" || grep -qE '\b(lk|lct)_[A-Za-z0-9]' "$@"
+    grep -qF -e "$ADMIN_KEY" -e "$POS_KEY" -e "$APP_KEY" "$@" ||
+        grep -qE '\b(lk|lct)_[A-Za-z0-9]|\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]\b' "$@"
 }
 record() {
     if [ "$2" -eq 0 ] && leaks "$WORK/$1.out" "$LOG"; then
         failed=$((failed + 1))
-        log "$1: FAILED (a key or token appears in its output or the server's log)"
+        log "$1: FAILED (a key, token or gift code appears in its output or the server's log)"
     elif [ "$2" -eq 0 ]; then
         passed=$((passed + 1))
         log "$1: passed"
@@ -135,7 +136,7 @@ log "setting the merchant's program (examples/python-till/setup_program.py)"
 gifts=0
 setup=0
 setup_out="$(cd "$ROOT/examples/python-till" &&
-    LOYALTY_ADMIN_KEY="$ADMIN_KEY" "$VENV/bin/python" setup_program.py 2>&1)" || setup=$?
+    LOYALTY_ADMIN_KEY="$ADMIN_KEY" LOYALTY_CUSTOMER="$CUSTOMER" "$VENV/bin/python" setup_program.py 2>&1)" || setup=$?
 printf '%s\n' "$setup_out"
 grep -q '^gifts: on' <<<"$setup_out" && gifts=1
 if [ "$setup" -ne 0 ]; then

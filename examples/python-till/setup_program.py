@@ -2,12 +2,13 @@
 """The merchant's back office, once: sets the program the till example expects.
 
 10 points per EUR, spendable at once, expiring 12 months after they were earned; 100 points pay
-1.00 EUR, for at most half of a basket. When the service has gifts, also a come-back gift that a
-customer's first purchase grants. Prints `gifts: on` or `gifts: off` (whether the gift rule is
-in place), nothing else of note.
+1.00 EUR, for at most half of a basket. When the service has gifts, also two gifts: a welcome
+gift, given by hand (IssueGift) to LOYALTY_CUSTOMER as they sign up (EnrollCustomer), and a
+come-back gift that a customer's first purchase grants (a gift rule). Prints `gifts: on` or
+`gifts: off`.
 
 Environment: LOYALTY_ENDPOINT (default 127.0.0.1:50051), LOYALTY_ADMIN_KEY (scope admin; never
-printed).
+printed), LOYALTY_CUSTOMER (optional: the customer who signs up).
 """
 
 import os
@@ -51,21 +52,39 @@ def main():
             print("gifts: off (these protos have no gift RPCs)")
             return 0
         from loyalty.v1 import gifts_pb2 as gi
+        from loyalty.v1 import member_pb2 as me
+        from loyalty.v1 import member_pb2_grpc
         try:
             programs.CreateGift(gi.CreateGiftRequest(gift=gi.Gift(
-                gift_id="come-back-coffee", name="A coffee on your next visit",
-                description="For your second visit", kind=gi.GIFT_KIND_ITEM,
+                gift_id="welcome-coffee", name="A welcome coffee",
+                description="For signing up", kind=gi.GIFT_KIND_ITEM,
                 validity_days=30, active=True)), metadata=metadata, timeout=5)
+            # The come-back gift: a customer's first purchase grants it, for the second visit.
+            programs.CreateGift(gi.CreateGiftRequest(gift=gi.Gift(
+                gift_id="come-back-cake", name="A slice of cake on your next visit",
+                kind=gi.GIFT_KIND_ITEM, validity_days=30, active=True)),
+                metadata=metadata, timeout=5)
             programs.PutGiftRule(gi.PutGiftRuleRequest(rule=gi.GiftRule(
                 rule_id="come-back", trigger=gi.GIFT_TRIGGER_FIRST_PURCHASE,
-                gift_id="come-back-coffee", delay_hours=0, active=True)),
+                gift_id="come-back-cake", delay_hours=0, active=True)),
                 metadata=metadata, timeout=5)
+            # A customer signs up at the counter and gets the welcome gift by hand.
+            customer = os.environ.get("LOYALTY_CUSTOMER")
+            if customer:
+                members = member_pb2_grpc.MemberServiceStub(channel)
+                members.EnrollCustomer(me.EnrollCustomerRequest(
+                    external_id=customer, display_name="Example customer"),
+                    metadata=metadata, timeout=5)
+                programs.IssueGift(gi.IssueGiftRequest(
+                    external_id=customer, gift_id="welcome-coffee",
+                    issue_key=f"welcome-{customer}"), metadata=metadata, timeout=5)
+                print(f"customer {customer} signed up, with a welcome gift")
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 print("gifts: off (the server does not implement them yet)")
                 return 0
             raise
-        print("gifts: on (come-back gift on the first purchase)")
+        print("gifts: on (a welcome gift by hand; a come-back gift rule on the first purchase)")
     return 0
 
 

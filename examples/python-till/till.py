@@ -14,7 +14,8 @@ Environment:
   LOYALTY_ENDPOINT   host:port of the service (default 127.0.0.1:50051)
   LOYALTY_POS_KEY    an API key with scope pos (never printed)
   LOYALTY_CUSTOMER   the customer's card number (default: a fresh one)
-  LOYALTY_EXPECT_GIFTS=1  the program has a come-back gift rule: the first sale must issue it
+  LOYALTY_EXPECT_GIFTS=1  the customer got a welcome gift (setup_program.py): the till finds it
+                          on the card and redeems it at the second sale
 
 Exit status 0 when every answer was the expected one, 1 otherwise.
 """
@@ -34,6 +35,10 @@ from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 from loyalty.v1 import checkout_pb2 as co  # noqa: E402
 from loyalty.v1 import checkout_pb2_grpc  # noqa: E402
 from loyalty.v1 import common_pb2  # noqa: E402
+try:
+    from loyalty.v1 import gifts_pb2 as gi  # gifts came with a later version of the protos
+except ImportError:
+    gi = None
 from loyalty.v1 import member_pb2  # noqa: E402
 from loyalty.v1 import member_pb2_grpc  # noqa: E402
 
@@ -172,6 +177,17 @@ class Till:
         self.seen(reply.balance)
         return reply
 
+    def gifts(self):
+        reply = self.service.call(self.service.member.ListCustomerGifts,
+                                  gi.ListCustomerGiftsRequest(external_id=self.customer))
+        return list(reply.grants)
+
+    def redeem_gift(self, code, redemption_key, *, lose_first_answer=False):
+        request = gi.RedeemGiftRequest(code=code, redemption_key=redemption_key,
+                                       store_id=self.store_id)
+        return self.service.call(self.service.checkout.RedeemGift, request,
+                                 lose_first_answer=lose_first_answer)
+
     def give_back(self, receipt_id, return_id, amount_minor):
         reply = self.service.call(self.service.checkout.ReturnPurchase, co.ReturnPurchaseRequest(
             purchase_id=receipt_id, return_id=return_id, amount_minor=amount_minor))
@@ -197,15 +213,28 @@ def run(till, expect_gifts):
     expect(first.points_earned == quote.points, "the purchase earned what the quote said")
     expect(first.balance.available == 400 and first.balance.pending == 0,
            "400 points available at once (no pending period)")
-    if expect_gifts:
-        gifts = list(getattr(first, "gifts_issued", []))
-        # A gift code is a bearer secret, like a key: the till shows the gift, not its code.
-        for gift in gifts:
-            say(f"    gift issued: {gift.gift_name} (code printed on the receipt, not here)")
-        expect(len(gifts) == 1, "the first purchase issued the come-back gift")
+    # A gift code is a bearer secret, like a key: the till shows the gift, never its code.
+    for gift in getattr(first, "gifts_issued", []):
+        say(f"    gift issued by this purchase: {gift.gift_name} (code on the receipt, not here)")
 
     # 2. A second visit: the customer pays part of the basket with points; payment succeeds.
     say("sale 2: spend points, payment succeeds")
+    if expect_gifts:
+        # The card is scanned: the till looks up the customer's gifts and offers the open ones.
+        open_gifts = [g for g in till.gifts() if g.status == gi.GIFT_GRANT_STATUS_ISSUED]
+        welcome = [g for g in open_gifts if g.gift_id == "welcome-coffee"]
+        expect(len(welcome) == 1, f"the card has its welcome gift ({len(open_gifts)} open gifts)")
+        redeemed = till.redeem_gift(welcome[0].code, f"{receipt(2)}-gift-1",
+                                    lose_first_answer=True)
+        expect(redeemed == till.service.lost[-1], "the retried RedeemGift got the first answer again")
+        expect(redeemed.grant.status == gi.GIFT_GRANT_STATUS_REDEEMED,
+               f"the gift is redeemed: {redeemed.grant.gift_name}")
+        try:
+            till.redeem_gift(welcome[0].code, f"{receipt(2)}-gift-2")
+            raise WrongAnswer("a gift code was redeemed twice")
+        except grpc.RpcError as error:
+            expect(error.code() == grpc.StatusCode.FAILED_PRECONDITION,
+                   "the same code under another key is FAILED_PRECONDITION: redeemed already")
     before = till.balance()
     lines, total = basket(("latte", "coffee", 1, 450), ("sandwich", "food", 1, 800))
     quote = till.quote(lines, total)
@@ -279,7 +308,7 @@ def main():
     with grpc.insecure_channel(ENDPOINT) as channel:
         till = Till(Service(channel, key), "store-7", customer)
         try:
-            run(till, os.environ.get("LOYALTY_EXPECT_GIFTS") == "1")
+            run(till, gi is not None and os.environ.get("LOYALTY_EXPECT_GIFTS") == "1")
         except WrongAnswer as wrong:
             say(f"    WRONG: expected {wrong}")
             return 1
