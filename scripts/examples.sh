@@ -20,7 +20,7 @@ WORK="$LOCAL/examples"
 mkdir -p "$WORK"
 
 # The examples' own dependencies, reinstalled only when their pins change.
-VENV="$LOCAL/examples-venv"
+VENV="$LOCAL/examples-venv" # the path ensure_example_packages looks for
 REQS="$ROOT/examples/python-till/requirements.txt"
 if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQS" "$VENV/requirements.txt"; then
     log "installing the Python till's requirements into $VENV"
