@@ -120,7 +120,7 @@ leaks() {
         grep -qE '\b(lk|lct)_[A-Za-z0-9]|\b[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]\b' "$@"
 }
 record() {
-    if [ "$2" -eq 0 ] && leaks "$WORK/$1.out" "$LOG"; then
+    if [ "$2" -eq 0 ] && leaks "$WORK/$1.out" "$WORK/setup.out" "$LOG"; then
         failed=$((failed + 1))
         log "$1: FAILED (a key, token or gift code appears in its output or the server's log)"
     elif [ "$2" -eq 0 ]; then
@@ -137,7 +137,7 @@ gifts=0
 setup=0
 setup_out="$(cd "$ROOT/examples/python-till" &&
     LOYALTY_ADMIN_KEY="$ADMIN_KEY" LOYALTY_CUSTOMER="$CUSTOMER" "$VENV/bin/python" setup_program.py 2>&1)" || setup=$?
-printf '%s\n' "$setup_out"
+printf '%s\n' "$setup_out" | tee "$WORK/setup.out"
 grep -q '^gifts: on' <<<"$setup_out" && gifts=1
 if [ "$setup" -ne 0 ]; then
     log "setting the program failed (exit $setup): neither example can run"
@@ -159,7 +159,6 @@ else
         env "${expectations[@]}" LOYALTY_APP_KEY="$APP_KEY" LOYALTY_CUSTOMER="$CUSTOMER" node app.js) 2>&1 |
         tee "$WORK/node-app.out" || status=$?
     record node-app "$status"
-
 fi
 
 if [ "$failed" -gt 0 ]; then
