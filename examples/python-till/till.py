@@ -8,7 +8,11 @@
 Every write carries a key the till chooses (purchase_id, reservation_id, return_id) and keeps:
 when a call ends in UNAVAILABLE or DEADLINE_EXCEEDED the till cannot know whether it happened,
 so it sends the very same request again, and the service answers as the first time without
-doing it twice. The till below loses two answers on purpose to show it.
+doing it twice. The till below drops the first answer of ReservePoints, RecordPurchase and
+RedeemGift on purpose to show it.
+
+With gifts (LOYALTY_EXPECT_GIFTS=1), the second sale also finds the customer's open gifts
+(ListCustomerGifts) and redeems one (RedeemGift), once.
 
 Environment:
   LOYALTY_ENDPOINT   host:port of the service (default 127.0.0.1:50051)
