@@ -118,3 +118,30 @@ ensure_database() {
         psql "$LOYALTY_PG_ADMIN_URL" -qc "CREATE DATABASE $name" >/dev/null
     fi
 }
+
+# What scripts/examples.sh needs besides the server's tools: Python 3 with venv (for
+# examples/python-till) and Node.js with npm (for examples/node-app). Installs the missing ones
+# from Debian packages when we are root, or says what to run.
+ensure_example_packages() {
+    local missing=() probe
+    if ! command -v python3 >/dev/null 2>&1; then
+        missing+=(python3 python3-venv)
+    elif [ ! -x "$LOCAL/examples-venv/bin/python" ]; then
+        # Debian's python3 imports venv and ensurepip without python3-venv, yet cannot make a
+        # venv: only making one tells.
+        probe="$(mktemp -d)"
+        python3 -m venv "$probe/venv" >/dev/null 2>&1 || missing+=(python3-venv)
+        rm -rf "$probe"
+    fi
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+            log "installing ${missing[*]} (Debian packages)"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        else
+            die "missing packages; run: sudo apt-get install -y ${missing[*]}"
+        fi
+    fi
+}

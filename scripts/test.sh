@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start, command 2: runs every test (unit, integration against real PostgreSQL and Redis,
-# and the reliability suite).
+# the reliability suite, and the client examples of scripts/examples.sh).
 #
 # Uses the PostgreSQL and Redis that answer at LOYALTY_PG_ADMIN_URL / REDIS_URL, or starts
 # private ones under .local/. Each test makes its own database from a migrated template and its
@@ -22,3 +22,7 @@ psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname L
 cd "$ROOT"
 log "running the tests"
 cargo test --workspace --locked "$@"
+
+# The client examples (examples/python-till, examples/node-app) against a real server, with
+# the binary the tests just built. Closes with `examples: N passed, M failed`.
+LOYALTY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/loyalty" "$ROOT/scripts/examples.sh"
