@@ -65,6 +65,22 @@ CREATE INDEX point_lots_maturing_idx ON point_lots (available_at) WHERE NOT matu
 CREATE INDEX point_lots_expiring_idx ON point_lots (expires_at)
     WHERE matured AND remaining > 0 AND expires_at IS NOT NULL;
 
+-- The soonest expiry of a customer's available points, and how many expire then (no row when
+-- none expire). A plain SQL function, so the planner inlines it into the statements that
+-- read an account (LEFT JOIN LATERAL next_expiry(...)); it reads the open-lots index.
+CREATE FUNCTION next_expiry(merchant bigint, customer bigint)
+RETURNS TABLE (expires_at timestamptz, points bigint)
+LANGUAGE sql STABLE
+AS $$
+    SELECT l.expires_at, sum(l.remaining)::bigint
+      FROM point_lots l
+     WHERE l.merchant_id = merchant AND l.customer_id = customer
+       AND l.remaining > 0 AND l.matured AND l.expires_at IS NOT NULL
+     GROUP BY l.expires_at
+     ORDER BY l.expires_at
+     LIMIT 1
+$$;
+
 -- Which lots each movement took points from (positive) or gave them back to (negative), so
 -- expiry and clawbacks never count a point twice and a release restores the very lots held.
 CREATE TABLE lot_movements (

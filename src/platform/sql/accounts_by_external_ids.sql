@@ -4,11 +4,4 @@ SELECT k.merchant_id, k.external_id,
   FROM unnest($1::bigint[], $2::text[]) AS k(merchant_id, external_id)
   JOIN customers c ON c.merchant_id = k.merchant_id AND c.external_id = k.external_id
   JOIN accounts a ON a.merchant_id = c.merchant_id AND a.customer_id = c.id
-  LEFT JOIN LATERAL (
-        SELECT l.expires_at, sum(l.remaining)::bigint AS points
-          FROM point_lots l
-         WHERE l.merchant_id = a.merchant_id AND l.customer_id = a.customer_id
-           AND l.remaining > 0 AND l.matured AND l.expires_at IS NOT NULL
-         GROUP BY l.expires_at
-         ORDER BY l.expires_at
-         LIMIT 1) n ON true
+  LEFT JOIN LATERAL next_expiry(a.merchant_id, a.customer_id) n ON true
