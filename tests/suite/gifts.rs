@@ -1457,6 +1457,29 @@ mod bad_input {
         check(
             &rt,
             &app,
+            "ClaimGift",
+            (
+                prop_oneof![Just("card-1".to_string()), text()],
+                prop_oneof![Just("free-coffee".to_string()), text()],
+                text(),
+            ),
+            &write,
+            |(external_id, gift_id, claim_key)| {
+                let mut m = member.clone();
+                async move {
+                    m.claim_gift(pb::ClaimGiftRequest {
+                        external_id,
+                        gift_id,
+                        claim_key,
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            },
+        );
+        check(
+            &rt,
+            &app,
             "ListCustomerGifts",
             (text(), any::<i32>(), text()),
             &read,
