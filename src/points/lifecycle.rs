@@ -29,7 +29,6 @@ use crate::points::rules::earn::shares;
 use crate::points::rules::ledger::EntryKind;
 use crate::points::rules::lots::{
     LotTerms, ReturnableLine, clawback_for, plan_clawback, refund_for, spread_amount,
-    take_soonest_expiring,
 };
 use crate::points::rules::requests::{
     Adjustment, Claim, Hold, Redemption, ReturnRequest, Returned,
@@ -142,8 +141,7 @@ fn replay<T>(stored: Stored<T>, fingerprint: [u8; 32], field: &str, key: &str) -
 
 /// A debit must find its points in the lots; if they hold less than `available` says, the
 /// projection is broken and nothing is written.
-fn all_taken(takes: &[(i64, i64)], points: i64) -> Result<(), Error> {
-    let taken: i64 = takes.iter().map(|(_, p)| p).sum();
+fn all_taken(taken: i64, points: i64) -> Result<(), Error> {
     if taken != points {
         return Err(Error::internal(format!(
             "the lots hold {taken} of the {points} available points being spent"
@@ -910,25 +908,16 @@ impl Points {
                 available: account.available,
             });
         }
-        let customer = account.customer_id;
-        let lots = store::open_lots(conn, merchant, customer, true).await?;
-        let takes = take_soonest_expiring(&lots, points);
-        all_taken(&takes, points)?;
         let seq = account.version + 1;
-        store::insert_entry(
-            conn,
-            merchant,
-            customer,
-            &Entry {
-                seq,
-                kind,
-                points: -points,
-                reference,
-                occurred_at: self.clock.now(),
-            },
-        )
-        .await?;
-        store::move_lot_points(conn, merchant, customer, Some(seq), &takes).await?;
+        let entry = Entry {
+            seq,
+            kind,
+            points: -points,
+            reference,
+            occurred_at: self.clock.now(),
+        };
+        let taken = store::take_points(conn, merchant, account.customer_id, &entry).await?;
+        all_taken(taken, points)?;
         Ok(seq)
     }
 

@@ -12,6 +12,10 @@ pub const CHECKOUT_CONTEXT: &str = include_str!("sql/checkout_context.sql");
 /// Checkout, step 2: the whole purchase in one atomic statement. See the file for parameters.
 pub const RECORD_PURCHASE: &str = include_str!("sql/record_purchase.sql");
 
+/// Spending, in one statement under the account lock: takes points from the lots
+/// soonest-expiring first, writes the ledger entry and what each lot gave. See the file.
+pub const TAKE_POINTS: &str = include_str!("sql/take_points.sql");
+
 /// Creates a customer (and their empty account) if the external id is new.
 pub const ENROLL_ON_PURCHASE: &str = include_str!("sql/enroll_on_purchase.sql");
 

@@ -130,6 +130,94 @@ async fn a_hundred_concurrent_redemptions_never_overdraw() {
     app.stop().await;
 }
 
+/// Spending takes the soonest-expiring lot first, the oldest lot on a tie, and never-expiring
+/// points last, and records what each spend took from each lot.
+#[tokio::test]
+async fn spending_takes_the_soonest_expiring_lots_first() {
+    let app = TestApp::spawn().await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let mut checkout = app.checkout(&pos).await;
+    let bought = |id: &str, total: i64, days_ago: i64| {
+        let mut p = purchase("card-1", id, total);
+        if let Some(at) = p.occurred_at.as_mut() {
+            at.seconds -= days_ago * 86_400;
+        }
+        p
+    };
+    // Earned while points never expired: spent last.
+    checkout
+        .record_purchase(bought("forever", 3_000, 28))
+        .await
+        .unwrap();
+    let expiry = pb::ExpiryPolicy {
+        kind: pb::ExpiryKind::MonthsAfterEarning as i32,
+        months: 3,
+    };
+    set_program(
+        &app,
+        &merchant.admin_key,
+        program(0, Some(expiry), pb::ReturnPolicy::Debt),
+    )
+    .await;
+    // "late" and "tie" expire together (earned the same second), "soon" 24 days earlier.
+    for (id, total, days_ago) in [("late", 2_000, 1), ("soon", 1_000, 25), ("tie", 1_500, 1)] {
+        checkout
+            .record_purchase(bought(id, total, days_ago))
+            .await
+            .unwrap();
+    }
+    let remaining = || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT source_reference, remaining FROM point_lots
+              WHERE source_kind = 'earn' ORDER BY id",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(reference, left)| format!("{reference}={left}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        remaining().await,
+        ["forever=30", "late=20", "soon=10", "tie=15"]
+    );
+    checkout
+        .redeem_points(redeem("card-1", "x-1", 35))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining().await,
+        ["forever=30", "late=0", "soon=0", "tie=10"]
+    );
+    checkout
+        .redeem_points(redeem("card-1", "x-2", 15))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining().await,
+        ["forever=25", "late=0", "soon=0", "tie=0"]
+    );
+    // Each spend's movements add up to what it spent, lot by lot.
+    let moved: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT entry_seq, count(*), sum(points)::bigint FROM lot_movements
+          GROUP BY entry_seq ORDER BY entry_seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(moved, [(5, 3, 35), (6, 2, 15)]);
+    assert_eq!(
+        balance(&app, &pos, "card-1")
+            .await
+            .balance
+            .unwrap()
+            .available,
+        25
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redemption_replays_its_answer_and_refuses_other_content() {
     let app = TestApp::spawn().await;

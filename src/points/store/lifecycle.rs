@@ -172,6 +172,28 @@ pub async fn move_lot_points(
     Ok(())
 }
 
+/// Writes the debit `entry` (`points < 0`) and takes its points from the customer's spendable
+/// lots, soonest-expiring first, recording what each lot gave (`sql/take_points.sql`).
+/// Returns the points the lots gave: the caller refuses fewer than the entry spends.
+pub async fn take_points(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    customer_id: i64,
+    entry: &Entry<'_>,
+) -> Result<i64, Error> {
+    sqlx::query_scalar(crate::points::sql::TAKE_POINTS)
+        .bind(merchant.0)
+        .bind(customer_id)
+        .bind(entry.points)
+        .bind(entry.seq)
+        .bind(entry.kind.as_str())
+        .bind(entry.reference)
+        .bind(entry.occurred_at)
+        .fetch_one(conn)
+        .await
+        .map_err(db_error)
+}
+
 /// What ledger entry `entry_seq` took from each lot (a hold's lots, for its release).
 pub async fn movements_of(
     conn: &mut PgConnection,
