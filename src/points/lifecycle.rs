@@ -12,7 +12,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::error::Error;
 use crate::gifts;
@@ -20,6 +20,7 @@ use crate::gifts::rules::{Grant, GrantSource};
 use crate::gifts::store::{GrantRequest, Granted};
 use crate::platform::account::AccountState;
 use crate::platform::audit;
+use crate::platform::cache_repair::Publisher;
 use crate::platform::caller::{Caller, MerchantId};
 use crate::platform::detach::detach;
 use crate::platform::store::commit;
@@ -120,6 +121,48 @@ struct ClaimAnswer {
     account: AccountState,
 }
 
+/// A spend of points for a discount (a redemption or a hold), as `Points::spend` runs it.
+struct Spending<'a> {
+    external_id: &'a str,
+    /// The idempotency table of the client key, and the key's request field.
+    table: OperationTable,
+    key_field: &'static str,
+    key: &'a str,
+    fingerprint: [u8; 32],
+    points: i64,
+    kind: EntryKind,
+    change: AccountChange,
+}
+
+enum Spend<T> {
+    /// The key was used before with this content: its stored answer.
+    Replayed(T),
+    Taken(Taken),
+}
+
+/// Points taken and the account written, in a transaction still open for the caller's row.
+struct Taken {
+    tx: Transaction<'static, Postgres>,
+    customer_id: i64,
+    /// The ledger entry of the debit.
+    seq: i64,
+    state: AccountState,
+    discount_minor: i64,
+}
+
+impl Taken {
+    async fn commit(
+        self,
+        publisher: &Publisher,
+        merchant: MerchantId,
+        external_id: &str,
+    ) -> Result<(), Error> {
+        commit(self.tx).await?;
+        publisher.publish(merchant, external_id, &self.state).await;
+        Ok(())
+    }
+}
+
 /// What one sweep pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -176,66 +219,49 @@ impl Points {
     }
 
     async fn redeem_attached(&self, merchant: MerchantId, r: &Redemption) -> Result<Spent, Error> {
-        let mut tx = self.store.begin().await?;
-        let program = self.program(&mut tx, merchant).await?;
-        let account = store::lock_account(&mut tx, merchant, &r.external_id)
-            .await?
-            .ok_or(Error::NotFound("customer"))?;
-        let table = OperationTable::Redemptions;
-        if let Some(stored) =
-            store::find_operation(&mut tx, table, merchant, &r.redemption_id).await?
-        {
-            return replay(stored, r.fingerprint(), "redemption_id", &r.redemption_id);
-        }
-        let rule = program.rules.lifecycle.redemption;
-        check_minimum(r.points, rule.minimum_points)?;
-        let seq = self
-            .debit(
-                &mut tx,
-                merchant,
-                &account,
-                r.points,
-                EntryKind::Redeem,
-                &r.redemption_id,
-            )
-            .await?;
-        let state = self
-            .write(
-                &mut tx,
-                merchant,
-                &account,
-                AccountChange {
-                    available: -r.points,
-                    lifetime_redeemed: r.points,
-                    versions: seq - account.version,
-                    debit: true,
-                    ..AccountChange::default()
-                },
-            )
-            .await?;
+        let spend = Spending {
+            external_id: &r.external_id,
+            table: OperationTable::Redemptions,
+            key_field: "redemption_id",
+            key: &r.redemption_id,
+            fingerprint: r.fingerprint(),
+            points: r.points,
+            kind: EntryKind::Redeem,
+            // A redemption is spent for good: one entry, and the points count as redeemed.
+            change: AccountChange {
+                available: -r.points,
+                lifetime_redeemed: r.points,
+                versions: 1,
+                debit: true,
+                ..AccountChange::default()
+            },
+        };
+        let mut taken = match self.spend(merchant, &spend).await? {
+            Spend::Replayed(answer) => return Ok(answer),
+            Spend::Taken(taken) => taken,
+        };
         let answer = Spent {
             points: r.points,
-            discount_minor: rule.discount_minor(r.points, program.rules.currency),
-            account: state,
+            discount_minor: taken.discount_minor,
+            account: taken.state,
         };
         store::insert_redemption(
-            &mut tx,
+            &mut taken.tx,
             merchant,
             &store::RedemptionRow {
                 redemption_id: &r.redemption_id,
-                customer_id: account.customer_id,
+                customer_id: taken.customer_id,
                 points: r.points,
                 discount_minor: answer.discount_minor,
                 purchase_id: r.purchase_id.as_deref(),
-                request_hash: &r.fingerprint(),
+                request_hash: &spend.fingerprint,
                 answer: &answer,
             },
         )
         .await?;
-        commit(tx).await?;
-        self.publisher
-            .publish(merchant, &r.external_id, &state)
-            .await;
+        taken
+            .commit(&self.publisher, merchant, &r.external_id)
+            .await?;
         Ok(answer)
     }
 
@@ -248,69 +274,95 @@ impl Points {
 
     async fn reserve_attached(&self, merchant: MerchantId, h: &Hold) -> Result<Held, Error> {
         let now = self.clock.now();
+        let spend = Spending {
+            external_id: &h.external_id,
+            table: OperationTable::Reservations,
+            key_field: "reservation_id",
+            key: &h.reservation_id,
+            fingerprint: h.fingerprint(),
+            points: h.points,
+            kind: EntryKind::Reserve,
+            // Held points leave `available` at once; they count as redeemed only on commit.
+            change: AccountChange {
+                available: -h.points,
+                versions: 1,
+                debit: true,
+                ..AccountChange::default()
+            },
+        };
+        let mut taken = match self.spend(merchant, &spend).await? {
+            Spend::Replayed(answer) => return Ok(answer),
+            Spend::Taken(taken) => taken,
+        };
+        let answer = Held {
+            points: h.points,
+            discount_minor: taken.discount_minor,
+            expires_at: now + h.ttl,
+            account: taken.state,
+        };
+        store::insert_reservation(
+            &mut taken.tx,
+            merchant,
+            &store::HoldRow {
+                reservation_id: &h.reservation_id,
+                customer_id: taken.customer_id,
+                points: h.points,
+                discount_minor: answer.discount_minor,
+                purchase_id: h.purchase_id.as_deref(),
+                request_hash: &spend.fingerprint,
+                expires_at: answer.expires_at,
+                hold_seq: taken.seq,
+                answer: &answer,
+            },
+        )
+        .await?;
+        taken
+            .commit(&self.publisher, merchant, &h.external_id)
+            .await?;
+        Ok(answer)
+    }
+
+    /// What redeeming and holding share, up to their own row: the account locked, a replay
+    /// answered from the stored row, the program's minimum checked, the points taken from the
+    /// lots (`debit`) and the account written. The caller inserts its row and commits.
+    async fn spend<T: DeserializeOwned + Send + Unpin + 'static>(
+        &self,
+        merchant: MerchantId,
+        spend: &Spending<'_>,
+    ) -> Result<Spend<T>, Error> {
         let mut tx = self.store.begin().await?;
         let program = self.program(&mut tx, merchant).await?;
-        let account = store::lock_account(&mut tx, merchant, &h.external_id)
+        let account = store::lock_account(&mut tx, merchant, spend.external_id)
             .await?
             .ok_or(Error::NotFound("customer"))?;
-        let table = OperationTable::Reservations;
         if let Some(stored) =
-            store::find_operation(&mut tx, table, merchant, &h.reservation_id).await?
+            store::find_operation(&mut tx, spend.table, merchant, spend.key).await?
         {
-            return replay(stored, h.fingerprint(), "reservation_id", &h.reservation_id);
+            let answer = replay(stored, spend.fingerprint, spend.key_field, spend.key)?;
+            return Ok(Spend::Replayed(answer));
         }
         let rule = program.rules.lifecycle.redemption;
-        check_minimum(h.points, rule.minimum_points)?;
+        check_minimum(spend.points, rule.minimum_points)?;
         let seq = self
             .debit(
                 &mut tx,
                 merchant,
                 &account,
-                h.points,
-                EntryKind::Reserve,
-                &h.reservation_id,
+                spend.points,
+                spend.kind,
+                spend.key,
             )
             .await?;
         let state = self
-            .write(
-                &mut tx,
-                merchant,
-                &account,
-                AccountChange {
-                    available: -h.points,
-                    versions: 1,
-                    debit: true,
-                    ..AccountChange::default()
-                },
-            )
+            .write(&mut tx, merchant, &account, spend.change)
             .await?;
-        let answer = Held {
-            points: h.points,
-            discount_minor: rule.discount_minor(h.points, program.rules.currency),
-            expires_at: now + h.ttl,
-            account: state,
-        };
-        store::insert_reservation(
-            &mut tx,
-            merchant,
-            &store::HoldRow {
-                reservation_id: &h.reservation_id,
-                customer_id: account.customer_id,
-                points: h.points,
-                discount_minor: answer.discount_minor,
-                purchase_id: h.purchase_id.as_deref(),
-                request_hash: &h.fingerprint(),
-                expires_at: answer.expires_at,
-                hold_seq: seq,
-                answer: &answer,
-            },
-        )
-        .await?;
-        commit(tx).await?;
-        self.publisher
-            .publish(merchant, &h.external_id, &state)
-            .await;
-        Ok(answer)
+        Ok(Spend::Taken(Taken {
+            tx,
+            customer_id: account.customer_id,
+            seq,
+            state,
+            discount_minor: rule.discount_minor(spend.points, program.rules.currency),
+        }))
     }
 
     /// Turns a hold into a redemption, once.
