@@ -23,6 +23,7 @@ pub mod platform;
 pub mod points;
 pub mod programs;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 
 pub use access::{NewKey, create_key, create_merchant, revoke_key};
