@@ -25,6 +25,7 @@ pub mod programs;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tiers;
 
 pub use access::{NewKey, create_key, create_merchant, revoke_key};
 pub use app::Application;
