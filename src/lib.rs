@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gifts;
+pub mod greetings;
 pub mod jobs;
 pub mod members;
 pub mod pb;
