@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gifts;
+pub mod greetings;
 pub mod jobs;
 pub mod members;
 pub mod pb;
@@ -23,7 +24,9 @@ pub mod platform;
 pub mod points;
 pub mod programs;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
+pub mod tiers;
 
 pub use access::{NewKey, create_key, create_merchant, revoke_key};
 pub use app::Application;

@@ -1,0 +1,859 @@
+//! The pure rules of occasions and greetings. No I/O; time comes in as a parameter.
+//!
+//! - **Local days.** Every occasion falls on a date of the customer's own calendar: "today" is
+//!   the date at `now` in their time zone, an IANA name (`chrono_tz::Tz`, as the member profile
+//!   already stores and validates it with `members::rules::time_zone`). A fixed offset needs no
+//!   type of its own: IANA has them (`Etc/GMT-14` is UTC+14; the sign is POSIX's, inverted).
+//!   At one UTC instant a customer in Pacific/Kiritimati (UTC+14) may be a day ahead of one in
+//!   Pacific/Pago_Pago (UTC−11): New Year comes to them 25 hours apart.
+//! - **29 February** falls on 28 February in other years, for birthdays, enrolment
+//!   anniversaries (the enrolment's local date) and yearly holidays alike.
+//! - **Years.** An occasion's year is the local year of its date: the Kiritimati customer's
+//!   New Year greeting of 2027 is made while it is still 2026 in UTC. A greeting exists once
+//!   per (customer, occasion, year): [`GreetingKey`].
+//! - **Consent.** Greetings go only to customers who consented to marketing contact
+//!   ([`GreetingConsent::allows_greetings`]); [`greetings_due`] applies it, so the job cannot
+//!   forget it.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Datelike, Days, NaiveDate, Offset, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+use crate::members::rules::Birthday;
+use crate::platform::validation::{self, Violation, Violations};
+
+pub const MAX_HOLIDAYS: usize = 100;
+pub const MAX_HOLIDAY_ID_CHARS: usize = 64;
+pub const MAX_HOLIDAY_NAME_CHARS: usize = 100;
+/// ListUpcomingOccasions looks at most a year (and a day) ahead.
+pub const MAX_UPCOMING_DAYS: u32 = 366;
+/// How many past local days the daily job still greets: a run missed, or a day skipped when a
+/// clock change moves the job's hour across local midnight, is caught up once (the greeting
+/// key keeps it single).
+pub const DEFAULT_CATCH_UP_DAYS: u32 = 1;
+
+/// The date of a program holiday.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "repeat", rename_all = "snake_case")]
+pub enum HolidayDate {
+    /// Every year on this month and day (29 February: on 28 February in other years).
+    Yearly { month: u32, day: u32 },
+    /// Once, on this date.
+    Once { date: NaiveDate },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holiday {
+    /// Stable key, part of the greeting key: a holiday can be renamed without greeting twice.
+    pub id: String,
+    /// "New Year", "Women's Day".
+    pub name: String,
+    pub date: HolidayDate,
+}
+
+/// Which occasions a program greets. Stored as one JSON column (`programs.occasions`); a
+/// program written before occasions existed reads as the default: birthdays and anniversaries,
+/// no holidays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OccasionProgram {
+    pub birthdays: bool,
+    pub anniversaries: bool,
+    pub holidays: Vec<Holiday>,
+}
+
+impl Default for OccasionProgram {
+    fn default() -> Self {
+        OccasionProgram {
+            birthdays: true,
+            anniversaries: true,
+            holidays: Vec::new(),
+        }
+    }
+}
+
+impl OccasionProgram {
+    /// Checks the holidays, naming fields of `loyalty.v1.Program` (`program.occasions.*`).
+    pub fn check(&self, v: &mut Violations) {
+        if self.holidays.len() > MAX_HOLIDAYS {
+            v.add(
+                "program.occasions.holidays",
+                format!("at most {MAX_HOLIDAYS} entries"),
+            );
+        }
+        let mut ids = HashSet::new();
+        for (i, holiday) in self.holidays.iter().enumerate().take(MAX_HOLIDAYS) {
+            let field = format!("program.occasions.holidays[{i}]");
+            let id_field = format!("{field}.id");
+            if let Some(id) = v.check(validation::identifier(&id_field, &holiday.id)) {
+                if id.chars().count() > MAX_HOLIDAY_ID_CHARS {
+                    v.add(
+                        id_field,
+                        format!("must be at most {MAX_HOLIDAY_ID_CHARS} characters"),
+                    );
+                } else if !ids.insert(id) {
+                    v.add(id_field, "is used by another holiday");
+                }
+            }
+            let name_field = format!("{field}.name");
+            if let Some(name) = v.check(validation::text(
+                &name_field,
+                &holiday.name,
+                MAX_HOLIDAY_NAME_CHARS,
+            )) && name.trim().is_empty()
+            {
+                v.add(name_field, "must not be empty");
+            }
+            if let HolidayDate::Yearly { month, day } = holiday.date {
+                v.check(month_day(&format!("{field}.date"), month, day));
+            }
+        }
+    }
+}
+
+/// A month and day that exist in some year (29 February does).
+pub fn month_day(field: &str, month: u32, day: u32) -> Result<(u32, u32), Violation> {
+    if !(1..=12).contains(&month) {
+        return Err(Violation::new(
+            format!("{field}.month"),
+            "must be between 1 and 12",
+        ));
+    }
+    // 2024 is a leap year: 29 February is a valid yearly date.
+    if NaiveDate::from_ymd_opt(2024, month, day).is_none() {
+        return Err(Violation::new(
+            format!("{field}.day"),
+            format!("{month}/{day} is not a date"),
+        ));
+    }
+    Ok((month, day))
+}
+
+/// This month and day in `year`: 29 February on 28 February outside leap years. `None` for a
+/// month and day that are no date (or a year beyond chrono's range).
+pub fn yearly_date(month: u32, day: u32, year: i32) -> Option<NaiveDate> {
+    NaiveDate::from_ymd_opt(year, month, day).or_else(|| {
+        (month == 2 && day == 29)
+            .then(|| NaiveDate::from_ymd_opt(year, 2, 28))
+            .flatten()
+    })
+}
+
+/// The date at `now` in `time_zone`.
+pub fn local_date(time_zone: Tz, now: DateTime<Utc>) -> NaiveDate {
+    let utc = now.naive_utc();
+    let offset = time_zone.offset_from_utc_datetime(&utc).fix();
+    // `with_timezone(..).date_naive()` panics within a day of chrono's range ends; there
+    // the UTC date will do.
+    utc.checked_add_offset(offset)
+        .map_or(utc.date(), |local| local.date())
+}
+
+/// What one customer brings to occasions (from their profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CustomerOccasions {
+    pub time_zone: Tz,
+    pub birthday: Option<Birthday>,
+    pub enrolled_at: DateTime<Utc>,
+}
+
+impl CustomerOccasions {
+    /// The local date the customer enrolled on: their anniversaries' month and day.
+    pub fn enrolled_on(&self) -> NaiveDate {
+        local_date(self.time_zone, self.enrolled_at)
+    }
+}
+
+/// The consent greetings depend on (the profile's `marketing_consent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GreetingConsent {
+    pub marketing_consent: bool,
+}
+
+impl GreetingConsent {
+    /// A greeting is a marketing contact: only with consent. The sender checks again when it
+    /// sends (consent withdrawn in between wins).
+    pub fn allows_greetings(&self) -> bool {
+        self.marketing_consent
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OccasionKind {
+    Birthday,
+    Anniversary,
+    Holiday,
+}
+
+impl OccasionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OccasionKind::Birthday => "birthday",
+            OccasionKind::Anniversary => "anniversary",
+            OccasionKind::Holiday => "holiday",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Occasion {
+    Birthday,
+    /// Of enrolment.
+    Anniversary,
+    Holiday {
+        id: String,
+        name: String,
+    },
+}
+
+impl Occasion {
+    pub fn kind(&self) -> OccasionKind {
+        match self {
+            Occasion::Birthday => OccasionKind::Birthday,
+            Occasion::Anniversary => OccasionKind::Anniversary,
+            Occasion::Holiday { .. } => OccasionKind::Holiday,
+        }
+    }
+
+    /// The occasion in the greeting key: `birthday`, `anniversary`, `holiday:<id>`.
+    pub fn key(&self) -> String {
+        match self {
+            Occasion::Holiday { id, .. } => format!("holiday:{id}"),
+            other => other.kind().as_str().to_string(),
+        }
+    }
+}
+
+/// One occasion of one customer on one of their local dates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occurrence {
+    pub occasion: Occasion,
+    /// In the customer's calendar.
+    pub date: NaiveDate,
+    /// The age a birthday brings (when the birth year is known), the years an anniversary
+    /// marks.
+    pub years: Option<u32>,
+}
+
+/// A greeting exists once per (customer, occasion, year); `year` is the local year of the
+/// occasion's date.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GreetingKey {
+    pub customer_id: i64,
+    pub occasion: String,
+    pub year: i32,
+}
+
+impl Occurrence {
+    pub fn greeting_key(&self, customer_id: i64) -> GreetingKey {
+        GreetingKey {
+            customer_id,
+            occasion: self.occasion.key(),
+            year: self.date.year(),
+        }
+    }
+
+    /// Whether this occurrence is today for a customer in `time_zone`, at `now`.
+    pub fn is_today(&self, time_zone: Tz, now: DateTime<Utc>) -> bool {
+        self.date == local_date(time_zone, now)
+    }
+}
+
+/// The customer's occasions in the local calendar year `year`, by date.
+pub fn occasions_in_year(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    year: i32,
+) -> Vec<Occurrence> {
+    let mut found = Vec::new();
+    if program.birthdays
+        && let Some(birthday) = customer.birthday
+    {
+        // Known birth year: from the first birthday on (not the day of birth), with the age.
+        let age = match birthday.year {
+            None => Some(None),
+            Some(born) => year
+                .checked_sub(born)
+                .filter(|age| *age >= 1)
+                .and_then(|age| u32::try_from(age).ok())
+                .map(Some),
+        };
+        if let Some(years) = age
+            && let Some(date) = yearly_date(birthday.month, birthday.day, year)
+        {
+            found.push(Occurrence {
+                occasion: Occasion::Birthday,
+                date,
+                years,
+            });
+        }
+    }
+    if program.anniversaries {
+        let enrolled = customer.enrolled_on();
+        if let Some(years) = year
+            .checked_sub(enrolled.year())
+            .filter(|y| *y >= 1)
+            .and_then(|y| u32::try_from(y).ok())
+            && let Some(date) = yearly_date(enrolled.month(), enrolled.day(), year)
+        {
+            found.push(Occurrence {
+                occasion: Occasion::Anniversary,
+                date,
+                years: Some(years),
+            });
+        }
+    }
+    for holiday in &program.holidays {
+        let date = match holiday.date {
+            HolidayDate::Yearly { month, day } => yearly_date(month, day, year),
+            HolidayDate::Once { date } => (date.year() == year).then_some(date),
+        };
+        if let Some(date) = date {
+            found.push(Occurrence {
+                occasion: Occasion::Holiday {
+                    id: holiday.id.clone(),
+                    name: holiday.name.clone(),
+                },
+                date,
+                years: None,
+            });
+        }
+    }
+    found.sort_by_key(|o| o.date);
+    found
+}
+
+/// The customer's occasions on one of their local dates.
+pub fn occasions_on(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    date: NaiveDate,
+) -> Vec<Occurrence> {
+    occasions_in_year(program, customer, date.year())
+        .into_iter()
+        .filter(|o| o.date == date)
+        .collect()
+}
+
+/// The customer's occasions today, in their time zone at `now`.
+pub fn occasions_today(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    now: DateTime<Utc>,
+) -> Vec<Occurrence> {
+    occasions_on(program, customer, local_date(customer.time_zone, now))
+}
+
+/// The `days` of ListUpcomingOccasions: 1 to [`MAX_UPCOMING_DAYS`].
+pub fn upcoming_days(field: &str, days: u32) -> Result<u32, Violation> {
+    if (1..=MAX_UPCOMING_DAYS).contains(&days) {
+        Ok(days)
+    } else {
+        Err(Violation::new(
+            field,
+            format!("must be between 1 and {MAX_UPCOMING_DAYS}"),
+        ))
+    }
+}
+
+/// The customer's occasions on the `days` local dates (at most [`MAX_UPCOMING_DAYS`]) starting with their date at `from`
+/// (`from`'s day included, `from + days` excluded), across a year's end, by date.
+pub fn upcoming(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    from: DateTime<Utc>,
+    days: u32,
+) -> Vec<Occurrence> {
+    let first = local_date(customer.time_zone, from);
+    let end = first
+        .checked_add_days(Days::new(u64::from(days.min(MAX_UPCOMING_DAYS))))
+        .unwrap_or(NaiveDate::MAX);
+    let mut found: Vec<Occurrence> = (first.year()..=end.year())
+        .flat_map(|year| occasions_in_year(program, customer, year))
+        .filter(|o| o.date >= first && o.date < end)
+        .collect();
+    found.sort_by_key(|o| o.date);
+    found
+}
+
+/// The greetings the daily job creates at `now`: the customer's occasions of today and of the
+/// `catch_up_days` before it (at most [`MAX_UPCOMING_DAYS`]), in their time zone, none from before they enrolled, and none at
+/// all without consent. Each is created under its [`GreetingKey`]; one made already is skipped.
+pub fn greetings_due(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    consent: GreetingConsent,
+    now: DateTime<Utc>,
+    catch_up_days: u32,
+) -> Vec<Occurrence> {
+    if !consent.allows_greetings() {
+        return Vec::new();
+    }
+    let today = local_date(customer.time_zone, now);
+    let first = today
+        .checked_sub_days(Days::new(u64::from(catch_up_days.min(MAX_UPCOMING_DAYS))))
+        .unwrap_or(NaiveDate::MIN)
+        .max(customer.enrolled_on());
+    let mut found: Vec<Occurrence> = (first.year()..=today.year())
+        .flat_map(|year| occasions_in_year(program, customer, year))
+        .filter(|o| o.date >= first && o.date <= today)
+        .collect();
+    found.sort_by_key(|o| o.date);
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeDelta, TimeZone};
+
+    const KIRITIMATI: Tz = Tz::Pacific__Kiritimati; // UTC+14
+    const PAGO_PAGO: Tz = Tz::Pacific__Pago_Pago; // UTC−11
+
+    fn utc(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, h, min, 0).unwrap()
+    }
+
+    fn date(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    }
+
+    fn born(month: u32, day: u32, year: Option<i32>) -> Option<Birthday> {
+        Some(Birthday { month, day, year })
+    }
+
+    fn customer(time_zone: Tz, birthday: Option<Birthday>) -> CustomerOccasions {
+        CustomerOccasions {
+            time_zone,
+            birthday,
+            enrolled_at: utc(2020, 6, 15, 12, 0),
+        }
+    }
+
+    fn new_year() -> Holiday {
+        Holiday {
+            id: "new-year".into(),
+            name: "New Year".into(),
+            date: HolidayDate::Yearly { month: 1, day: 1 },
+        }
+    }
+
+    fn holidays(list: Vec<Holiday>) -> OccasionProgram {
+        OccasionProgram {
+            holidays: list,
+            ..OccasionProgram::default()
+        }
+    }
+
+    fn keys(found: &[Occurrence]) -> Vec<(String, NaiveDate)> {
+        found.iter().map(|o| (o.occasion.key(), o.date)).collect()
+    }
+
+    fn fields(program: OccasionProgram) -> Vec<String> {
+        let mut v = Violations::default();
+        program.check(&mut v);
+        v.into_error().0.into_iter().map(|v| v.field).collect()
+    }
+
+    #[test]
+    fn an_empty_object_greets_birthdays_and_anniversaries_and_the_stored_form_reads_back() {
+        let default: OccasionProgram = serde_json::from_str("{}").unwrap();
+        assert_eq!(default, OccasionProgram::default());
+        assert!(default.birthdays && default.anniversaries && default.holidays.is_empty());
+        let program = OccasionProgram {
+            birthdays: false,
+            anniversaries: true,
+            holidays: vec![
+                new_year(),
+                Holiday {
+                    id: "opening".into(),
+                    name: "Our 10th year".into(),
+                    date: HolidayDate::Once {
+                        date: date(2027, 5, 1),
+                    },
+                },
+            ],
+        };
+        let json = serde_json::to_string(&program).unwrap();
+        assert!(
+            json.contains(r#"{"repeat":"yearly","month":1,"day":1}"#),
+            "{json}"
+        );
+        assert!(
+            json.contains(r#"{"repeat":"once","date":"2027-05-01"}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<OccasionProgram>(&json).unwrap(),
+            program
+        );
+        assert!(fields(program).is_empty());
+    }
+
+    #[test]
+    fn holidays_name_their_bad_fields() {
+        let bad = holidays(vec![
+            Holiday {
+                date: HolidayDate::Yearly { month: 2, day: 30 },
+                ..new_year()
+            },
+            Holiday {
+                name: " ".into(),
+                date: HolidayDate::Yearly { month: 13, day: 1 },
+                ..new_year()
+            },
+            Holiday {
+                id: "".into(),
+                name: "x".repeat(MAX_HOLIDAY_NAME_CHARS + 1),
+                date: HolidayDate::Yearly { month: 4, day: 31 },
+            },
+            Holiday {
+                id: "leap".into(),
+                name: "Leap day".into(),
+                date: HolidayDate::Yearly { month: 2, day: 29 },
+            },
+        ]);
+        assert_eq!(
+            fields(bad),
+            [
+                "program.occasions.holidays[0].date.day",
+                "program.occasions.holidays[1].id",
+                "program.occasions.holidays[1].name",
+                "program.occasions.holidays[1].date.month",
+                "program.occasions.holidays[2].id",
+                "program.occasions.holidays[2].name",
+                "program.occasions.holidays[2].date.day",
+            ]
+        );
+        let many = holidays(
+            (0..=MAX_HOLIDAYS)
+                .map(|i| Holiday {
+                    id: format!("h{i}"),
+                    ..new_year()
+                })
+                .collect(),
+        );
+        assert_eq!(fields(many), ["program.occasions.holidays"]);
+        assert_eq!(upcoming_days("days", 0).unwrap_err().field, "days");
+        assert!(upcoming_days("days", MAX_UPCOMING_DAYS + 1).is_err());
+        assert_eq!(upcoming_days("days", 30), Ok(30));
+    }
+
+    #[test]
+    fn the_29th_of_february_falls_on_the_28th_in_other_years() {
+        assert_eq!(yearly_date(2, 29, 2027), Some(date(2027, 2, 28)));
+        assert_eq!(yearly_date(2, 29, 2028), Some(date(2028, 2, 29)));
+        assert_eq!(
+            yearly_date(2, 29, 2100),
+            Some(date(2100, 2, 28)),
+            "not a leap year"
+        );
+        assert_eq!(yearly_date(2, 29, 2000), Some(date(2000, 2, 29)));
+        assert_eq!(yearly_date(4, 31, 2027), None);
+        assert_eq!(yearly_date(12, 31, 2027), Some(date(2027, 12, 31)));
+
+        let leapling = customer(Tz::UTC, born(2, 29, Some(2000)));
+        let program = OccasionProgram::default();
+        let on_28 = occasions_on(&program, &leapling, date(2027, 2, 28));
+        assert_eq!(
+            on_28,
+            [Occurrence {
+                occasion: Occasion::Birthday,
+                date: date(2027, 2, 28),
+                years: Some(27),
+            }]
+        );
+        assert!(occasions_on(&program, &leapling, date(2027, 3, 1)).is_empty());
+        assert!(occasions_on(&program, &leapling, date(2028, 2, 28)).is_empty());
+        assert_eq!(
+            occasions_on(&program, &leapling, date(2028, 2, 29)).len(),
+            1
+        );
+
+        // Enrolled on 29 February (local): anniversaries on the 28th, and the 29th in leap
+        // years.
+        let mut enrolled_on_leap_day = customer(Tz::UTC, None);
+        enrolled_on_leap_day.enrolled_at = utc(2028, 2, 29, 9, 0);
+        let first = occasions_in_year(&program, &enrolled_on_leap_day, 2029);
+        assert_eq!(
+            keys(&first),
+            [("anniversary".to_string(), date(2029, 2, 28))]
+        );
+        assert_eq!(first[0].years, Some(1));
+        assert_eq!(
+            occasions_in_year(&program, &enrolled_on_leap_day, 2032)[0].date,
+            date(2032, 2, 29)
+        );
+        assert!(occasions_in_year(&program, &enrolled_on_leap_day, 2028).is_empty());
+        // The same UTC instant is still 28 February in Pago Pago: the anniversary is the 28th.
+        enrolled_on_leap_day.time_zone = PAGO_PAGO;
+        assert_eq!(enrolled_on_leap_day.enrolled_on(), date(2028, 2, 28));
+        assert_eq!(
+            occasions_in_year(&program, &enrolled_on_leap_day, 2032)[0].date,
+            date(2032, 2, 28)
+        );
+    }
+
+    #[test]
+    fn kiritimati_and_pago_pago_at_the_same_utc_instant() {
+        let program = holidays(vec![new_year()]);
+        let east = customer(KIRITIMATI, born(3, 1, None));
+        let west = customer(PAGO_PAGO, born(3, 1, None));
+
+        // 31 December 2026, 10:30 UTC: already 00:30 on 1 January 2027 in Kiritimati, still
+        // 23:30 on 30 December in Pago Pago.
+        let instant = utc(2026, 12, 31, 10, 30);
+        assert_eq!(local_date(KIRITIMATI, instant), date(2027, 1, 1));
+        assert_eq!(local_date(PAGO_PAGO, instant), date(2026, 12, 30));
+        let east_today = occasions_today(&program, &east, instant);
+        assert_eq!(
+            keys(&east_today),
+            [("holiday:new-year".to_string(), date(2027, 1, 1))]
+        );
+        assert!(east_today[0].is_today(KIRITIMATI, instant));
+        assert!(!east_today[0].is_today(PAGO_PAGO, instant));
+        assert!(occasions_today(&program, &west, instant).is_empty());
+        // The greeting belongs to the local year 2027, though it is 2026 in UTC.
+        assert_eq!(
+            east_today[0].greeting_key(7),
+            GreetingKey {
+                customer_id: 7,
+                occasion: "holiday:new-year".into(),
+                year: 2027
+            }
+        );
+
+        // 1 January 2027, 10:00 UTC: over in Kiritimati (2 January), not yet in Pago Pago.
+        let instant = utc(2027, 1, 1, 10, 0);
+        assert!(occasions_today(&program, &east, instant).is_empty());
+        assert!(occasions_today(&program, &west, instant).is_empty());
+        // A minute before and the hour after: the edges of each local day.
+        assert_eq!(
+            occasions_today(&program, &east, instant - TimeDelta::minutes(1)).len(),
+            1
+        );
+        assert!(occasions_today(&program, &west, utc(2027, 1, 1, 10, 59)).is_empty());
+        assert_eq!(
+            occasions_today(&program, &west, utc(2027, 1, 1, 11, 0)).len(),
+            1
+        );
+        assert_eq!(
+            occasions_today(&program, &west, utc(2027, 1, 2, 10, 59)).len(),
+            1
+        );
+        assert!(occasions_today(&program, &west, utc(2027, 1, 2, 11, 0)).is_empty());
+
+        // A birthday on 1 March: the same instant is the birthday in Kiritimati only.
+        let instant = utc(2027, 2, 28, 10, 0);
+        assert_eq!(
+            keys(&occasions_today(&program, &east, instant)),
+            [("birthday".to_string(), date(2027, 3, 1))]
+        );
+        assert!(occasions_today(&program, &west, instant).is_empty());
+    }
+
+    #[test]
+    fn upcoming_occasions_wrap_the_year() {
+        let program = holidays(vec![
+            new_year(),
+            Holiday {
+                id: "womens-day".into(),
+                name: "Women's Day".into(),
+                date: HolidayDate::Yearly { month: 3, day: 8 },
+            },
+            Holiday {
+                id: "launch".into(),
+                name: "Launch".into(),
+                date: HolidayDate::Once {
+                    date: date(2027, 1, 10),
+                },
+            },
+        ]);
+        let c = customer(Tz::UTC, born(1, 15, None));
+        // 20 December + 30 days: 20 December 2026 to 18 January 2027.
+        let found = upcoming(&program, &c, utc(2026, 12, 20, 0, 0), 30);
+        assert_eq!(
+            keys(&found),
+            [
+                ("holiday:new-year".to_string(), date(2027, 1, 1)),
+                ("holiday:launch".to_string(), date(2027, 1, 10)),
+                ("birthday".to_string(), date(2027, 1, 15)),
+            ]
+        );
+        // The first day is included, the day `days` later is not.
+        let on_19th = customer(Tz::UTC, born(1, 19, None));
+        assert!(upcoming(&holidays(vec![]), &on_19th, utc(2026, 12, 20, 0, 0), 30).is_empty());
+        let on_20th = customer(Tz::UTC, born(12, 20, None));
+        assert_eq!(
+            upcoming(&holidays(vec![]), &on_20th, utc(2026, 12, 20, 23, 59), 1).len(),
+            1
+        );
+        // 366 days from 1 January 2027 reach 1 January 2028: two New Years, two keys.
+        let year = upcoming(&holidays(vec![new_year()]), &c, utc(2027, 1, 1, 0, 0), 366);
+        let new_years: Vec<GreetingKey> = year
+            .iter()
+            .filter(|o| o.occasion.kind() == OccasionKind::Holiday)
+            .map(|o| o.greeting_key(1))
+            .collect();
+        assert_eq!(
+            new_years.iter().map(|k| k.year).collect::<Vec<_>>(),
+            [2027, 2028]
+        );
+        // From's day is the customer's: in Kiritimati 31 December 10:30 UTC is 1 January.
+        let east = customer(KIRITIMATI, None);
+        let from = utc(2026, 12, 31, 10, 30);
+        assert_eq!(
+            upcoming(&holidays(vec![new_year()]), &east, from, 1).len(),
+            1
+        );
+        let west = customer(PAGO_PAGO, None);
+        assert!(upcoming(&holidays(vec![new_year()]), &west, from, 2).is_empty());
+        assert_eq!(
+            upcoming(&holidays(vec![new_year()]), &west, from, 3).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn anniversaries_and_ages_count_from_the_first_year() {
+        let program = OccasionProgram::default();
+        let c = customer(Tz::UTC, born(6, 15, Some(1990)));
+        let in_2026 = occasions_in_year(&program, &c, 2026);
+        assert_eq!(
+            in_2026
+                .iter()
+                .map(|o| (o.occasion.key(), o.years))
+                .collect::<Vec<_>>(),
+            [
+                ("birthday".to_string(), Some(36)),
+                ("anniversary".to_string(), Some(6))
+            ]
+        );
+        // No anniversary in the year of enrolment, no birthday in the year of birth.
+        assert!(
+            occasions_in_year(&program, &c, 2020)
+                .iter()
+                .all(|o| o.occasion != Occasion::Anniversary)
+        );
+        assert!(
+            occasions_in_year(&program, &customer(Tz::UTC, born(6, 15, Some(2020))), 2020)
+                .iter()
+                .all(|o| o.occasion != Occasion::Birthday)
+        );
+        // A program that greets neither.
+        let quiet = OccasionProgram {
+            birthdays: false,
+            anniversaries: false,
+            holidays: vec![],
+        };
+        assert!(occasions_in_year(&quiet, &c, 2026).is_empty());
+    }
+
+    #[test]
+    fn greetings_only_with_consent_once_per_occasion_and_year() {
+        let program = holidays(vec![new_year()]);
+        let c = customer(KIRITIMATI, born(1, 1, None));
+        let consented = GreetingConsent {
+            marketing_consent: true,
+        };
+        let instant = utc(2026, 12, 31, 10, 30);
+        let due = greetings_due(&program, &c, consented, instant, 0);
+        let mut due_keys: Vec<GreetingKey> = due.iter().map(|o| o.greeting_key(9)).collect();
+        due_keys.sort();
+        assert_eq!(
+            due_keys,
+            [
+                GreetingKey {
+                    customer_id: 9,
+                    occasion: "birthday".into(),
+                    year: 2027
+                },
+                GreetingKey {
+                    customer_id: 9,
+                    occasion: "holiday:new-year".into(),
+                    year: 2027
+                },
+            ]
+        );
+        // No consent: nothing, on the very same day.
+        assert!(!GreetingConsent::default().allows_greetings());
+        assert!(greetings_due(&program, &c, GreetingConsent::default(), instant, 1).is_empty());
+        // A later run on the same local day, or the next day catching up, yields the same
+        // keys (the store keeps one); two days later it is past.
+        let later = greetings_due(&program, &c, consented, instant + TimeDelta::hours(20), 0);
+        assert_eq!(later, due);
+        let next_day = greetings_due(&program, &c, consented, instant + TimeDelta::days(1), 1);
+        assert_eq!(next_day, due);
+        assert!(greetings_due(&program, &c, consented, instant + TimeDelta::days(2), 1).is_empty());
+    }
+
+    #[test]
+    fn no_greeting_for_an_occasion_before_enrolment() {
+        let program = OccasionProgram::default();
+        let mut c = customer(Tz::UTC, born(3, 9, None));
+        c.enrolled_at = utc(2027, 3, 10, 8, 0);
+        let consent = GreetingConsent {
+            marketing_consent: true,
+        };
+        // Enrolled the day after their birthday: the catch-up does not reach back before it.
+        assert!(greetings_due(&program, &c, consent, utc(2027, 3, 10, 9, 0), 1).is_empty());
+        // Enrolled on the birthday itself: greeted.
+        c.enrolled_at = utc(2027, 3, 9, 8, 0);
+        assert_eq!(
+            greetings_due(&program, &c, consent, utc(2027, 3, 9, 9, 0), 1).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_input_makes_the_rules_panic() {
+        let program = holidays(vec![
+            new_year(),
+            Holiday {
+                id: "bad".into(),
+                name: "Unchecked".into(),
+                date: HolidayDate::Yearly { month: 13, day: 40 },
+            },
+            Holiday {
+                id: "edge".into(),
+                name: "Edge".into(),
+                date: HolidayDate::Once {
+                    date: NaiveDate::MAX,
+                },
+            },
+        ]);
+        let instants = [
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            utc(2026, 1, 1, 0, 0),
+        ];
+        let birthdays = [
+            None,
+            born(2, 31, None),
+            born(0, 0, Some(i32::MIN)),
+            born(2, 29, Some(i32::MAX)),
+        ];
+        for time_zone in [KIRITIMATI, PAGO_PAGO, Tz::UTC] {
+            for enrolled_at in instants {
+                for birthday in birthdays {
+                    let c = CustomerOccasions {
+                        time_zone,
+                        birthday,
+                        enrolled_at,
+                    };
+                    for now in instants {
+                        let _ = occasions_today(&program, &c, now);
+                        let _ = upcoming(&program, &c, now, u32::MAX);
+                        let consent = GreetingConsent {
+                            marketing_consent: true,
+                        };
+                        let _ = greetings_due(&program, &c, consent, now, u32::MAX);
+                    }
+                }
+            }
+        }
+    }
+}
