@@ -86,7 +86,8 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
                 let request = receipt(&mut rng, &format!("c-{}", i % 20), &format!("r-{n}"));
                 let copies = rng.random_range(1..=5);
                 copies_sent += copies;
-                let answers = cluster::replay(&client, &request, copies, n % 2 == 1, give_up).await;
+                let answers =
+                    cluster::replay_purchase(&client, &request, copies, n % 2 == 1, give_up).await;
                 assert_eq!(answers.len(), copies);
             }
             copies_sent
@@ -128,36 +129,73 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
         enrolment.unwrap();
     }
 
-    // A control: the same purchase_id with different content is refused and changes nothing
-    // (so the replays above were recognised by content, not waved through).
+    let phase_one_replays = record.lock().unwrap().replays;
+
+    // Spending replays: 8 tills on the same 20 customers, 30 operations each: redemptions,
+    // holds and their settlements (commit, release, both at once, commit after release or
+    // after the ttl, or none), returns of purchases the till recorded, gift claims and
+    // redemptions of the codes (now and then by two tills at once), and every acknowledged
+    // write sent again 1–4 times, one copy after the other or all at once.
+    let mut spending = Workload::new(LANES as usize);
+    spending.hot = (0..20).map(|i| format!("c-{i}")).collect();
+    spending.cold = Vec::new();
+    spending.new_customer_percent = 0;
+    spending.mix = Mix {
+        earn: 15,
+        redeem: 20,
+        reserve: 30,
+        return_purchase: 20,
+        claim_gift: 8,
+        redeem_gift: 7,
+        ..Mix::default()
+    };
+    spending.replay_percent = 100;
+    spending.replay_copies = 4;
+    spending.operations_per_worker = Some(30);
+    spending.deadline = DEADLINE;
+    spending.seed = seed;
+    spending
+        .start_recording(&cluster, &record)
+        .await
+        .join()
+        .await;
+    let spending_replays = record.lock().unwrap().replays - phase_one_replays;
+
+    // Controls: each client key used again with other content is refused and changes
+    // nothing (so the replays above were recognised by content, not waved through).
     let mut client = cluster.client(&record, DEADLINE);
+    let controls = conflicting_reuses(&record.lock().unwrap(), &mut rng);
     let mut refused = 0;
-    for n in 0..5 {
-        let mut request = receipt(&mut rng, "c-0", &format!("r-{n}"));
-        request.total_minor += 1;
-        request.lines.truncate(1);
-        request.lines[0].amount_minor = request.total_minor;
-        match client.call(&Call::Earn(request), give_up).await {
+    for control in &controls {
+        match client.call(control, give_up).await {
             Err(Some(status)) if status.code() == Code::AlreadyExists => refused += 1,
-            other => record
-                .lock()
-                .unwrap()
-                .violations
-                .push(format!("r-{n} reused with other content: {other:?}")),
+            other => record.lock().unwrap().violations.push(format!(
+                "{:?} reused with other content: {other:?}",
+                control.key()
+            )),
         }
     }
-    copies_sent += 5;
+    copies_sent += controls.len();
     let ran = started.elapsed();
 
     let record = std::mem::take(&mut *record.lock().unwrap());
     let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
     let mut violations = audit.violations.clone();
-    if record.acknowledged.len() != distinct || audit.purchases != distinct {
+    let receipts_acknowledged = (0..distinct)
+        .filter(|n| record.acknowledged.contains_key(&format!("r-{n}")))
+        .count();
+    if receipts_acknowledged != distinct || audit.purchases != record.acknowledged.len() {
         violations.push(format!(
-            "{distinct} distinct receipts: {} acknowledged, {} stored",
+            "{distinct} distinct receipts: {receipts_acknowledged} acknowledged; {} purchases \
+             acknowledged in all, {} stored",
             record.acknowledged.len(),
             audit.purchases
         ));
+    }
+    for (kind, acknowledged) in record.acknowledged_by_kind() {
+        if acknowledged == 0 {
+            violations.push(format!("no {kind} was acknowledged: the replays missed it"));
+        }
     }
     for member in &members {
         let created = record.enrolled.get(member).copied().unwrap_or(0);
@@ -174,9 +212,11 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
         &audit,
         ran,
         serde_json::json!({
-            "distinct_writes": distinct + members.len(),
+            "distinct_receipts_and_enrolments": distinct + members.len(),
             "copies_sent": copies_sent,
-            "replays": copies_sent - distinct - members.len() - 5,
+            "replays": copies_sent - distinct - members.len() - controls.len(),
+            "spending_replays": spending_replays,
+            "conflicting_reuses": controls.len(),
             "conflicting_reuses_refused": refused,
             "faults_injected": 0,
             "seed": seed,
@@ -185,17 +225,68 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
     conclude(&cluster, "1-replays", &violations, value);
 }
 
+/// One call per kind of client key that reuses an acknowledged key with other content:
+/// five receipts, and a redemption, a hold, a return, a gift claim and a gift redemption.
+fn conflicting_reuses(record: &Record, rng: &mut StdRng) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for n in 0..5 {
+        let mut request = receipt(rng, "c-0", &format!("r-{n}"));
+        request.total_minor += 1;
+        request.lines.truncate(1);
+        request.lines[0].amount_minor = request.total_minor;
+        calls.push(Call::Earn(request));
+    }
+    fn first<T>(acked: &std::collections::HashMap<String, T>) -> Option<&T> {
+        acked.iter().min_by_key(|(key, _)| *key).map(|(_, ack)| ack)
+    }
+    if let Some(ack) = first(&record.redemptions) {
+        let mut request = ack.request.clone();
+        request.points += 1;
+        calls.push(Call::Redeem(request));
+    }
+    if let Some(hold) = first(&record.holds) {
+        let mut request = hold.request.clone();
+        request.points += 1;
+        calls.push(Call::Reserve(request));
+    }
+    if let Some(ack) = first(&record.returns) {
+        let mut request = ack.request.clone();
+        match request.lines.first_mut() {
+            Some(line) => line.amount_minor += 1,
+            None => request.amount_minor += 1,
+        }
+        calls.push(Call::Return(request));
+    }
+    if let Some(ack) = first(&record.claims) {
+        let mut request = ack.request.clone();
+        request.external_id = if request.external_id == "c-0" {
+            "c-1"
+        } else {
+            "c-0"
+        }
+        .into();
+        calls.push(Call::ClaimGift(request));
+    }
+    if let Some(ack) = first(&record.gift_redemptions) {
+        let mut request = ack.request.clone();
+        request.store_id = "store-2".into();
+        calls.push(Call::RedeemGift(request));
+    }
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scenario_2_hot_customers_under_concurrent_writes_for_30_seconds() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start("2-hot-customers").await;
     let mut workload = Workload::new(16);
     workload.mix = Mix {
-        earn: 85,
-        enroll: 5,
-        balance: 10,
+        earn: 60,
+        enroll: 4,
+        balance: 8,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let (record, ran) = running.stop().await;
 
@@ -229,11 +320,11 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
     let mut cluster = Cluster::start("3-redis-restart").await;
     let mut workload = Workload::new(8);
     workload.mix = Mix {
-        earn: 60,
-        enroll: 5,
-        balance: 35,
+        earn: 45,
+        balance: 30,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut redis = cluster.redis.connection().await;
     let keys_before = cache_keys(&mut redis, &cluster.key_prefix).await;
@@ -308,11 +399,12 @@ async fn scenario_12_redis_away_for_a_day_at_the_tills() {
     workload.replay_percent = 30;
     workload.deadline = Duration::from_secs(5);
     workload.mix = Mix {
-        earn: 70,
+        earn: 55,
         enroll: 2,
-        balance: 28,
+        balance: 20,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let stopped_at = Instant::now();
@@ -461,7 +553,7 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start("4-postgres-crash").await;
     let workload = Workload::new(8);
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     let (stop_health, health) = watch_health(cluster.endpoint());
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -553,7 +645,7 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start("5-server-sigkill").await;
     let workload = Workload::new(8);
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let killed_at = Instant::now();
