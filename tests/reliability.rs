@@ -25,9 +25,11 @@ use loyalty_testkit as common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    self, Call, Cluster, Mix, Record, Workload, audit, figures, profile, receipt,
+    self, Call, CatalogGift, Cluster, Mix, Record, Reply, Workload, audit, figures, profile,
+    receipt,
 };
 use futures::future::join_all;
+use loyalty::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::Connection;
@@ -770,4 +772,348 @@ async fn a_cache_update_lost_to_a_crash_is_repaired_by_the_restarted_server() {
         "{}",
         cluster.diagnostics()
     );
+}
+
+/// Every check the audit makes of spending, holds, returns and gifts can fail. A few writes of
+/// each kind (a debt from a return among them, a hold left to the sweep) leave a state the
+/// audit passes; then each rule is broken by hand, each in a transaction of its own that is
+/// rolled back (a constraint that would refuse the break is dropped inside it), and the audit
+/// of that transaction must report the broken rule. The checks the record makes itself (two
+/// tills told they redeemed one code, a hold committed and released) are fed the answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_reports_each_broken_rule() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start("audit-breaks").await;
+    let record = Record::shared();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let gift = CatalogGift {
+        gift_id: "mug".into(),
+        points_price: 10,
+        stock: 3,
+    };
+    cluster.create_gift(&gift).await;
+    record
+        .lock()
+        .unwrap()
+        .gift_stock
+        .insert(gift.gift_id.clone(), gift.stock);
+    let redeem = |external_id: &str, redemption_id: &str, points, purchase_id: &str| {
+        Call::Redeem(pb::RedeemPointsRequest {
+            external_id: external_id.into(),
+            redemption_id: redemption_id.into(),
+            points,
+            purchase_id: purchase_id.into(),
+        })
+    };
+    let reserve = |reservation_id: &str, points, ttl_seconds| {
+        Call::Reserve(pb::ReservePointsRequest {
+            external_id: "card-1".into(),
+            reservation_id: reservation_id.into(),
+            points,
+            ttl_seconds,
+            purchase_id: String::new(),
+        })
+    };
+    let give_back = |purchase_id: &str, return_id: &str, amount_minor| {
+        Call::Return(pb::ReturnPurchaseRequest {
+            purchase_id: purchase_id.into(),
+            return_id: return_id.into(),
+            lines: Vec::new(),
+            amount_minor,
+        })
+    };
+    let calls = [
+        // card-1: 50 + 30 points, card-2: 20, card-3: 10.
+        Call::Earn(common::purchase("card-1", "p-1", 5000)),
+        Call::Earn(common::purchase("card-1", "p-2", 3000)),
+        Call::Earn(common::purchase("card-2", "p-3", 2000)),
+        Call::Earn(common::purchase("card-3", "p-4", 1000)),
+        redeem("card-1", "rd-1", 20, "p-1"),
+        redeem("card-2", "rd-2", 15, ""),
+        reserve("h-1", 10, 60),
+        Call::Commit(pb::CommitReservationRequest {
+            reservation_id: "h-1".into(),
+        }),
+        reserve("h-2", 5, 60),
+        Call::Release(pb::ReleaseReservationRequest {
+            reservation_id: "h-2".into(),
+        }),
+        // Left for the sweep to release.
+        reserve("h-3", 5, 1),
+        // A fifth of p-1: its points and a fifth of rd-1 back. All of p-3, whose 20 points
+        // card-2 has only 5 of: a debt of 15.
+        give_back("p-1", "rt-1", 1000),
+        give_back("p-3", "rt-2", 2000),
+        Call::ClaimGift(pb::ClaimGiftRequest {
+            external_id: "card-1".into(),
+            gift_id: gift.gift_id.clone(),
+            claim_key: "cl-1".into(),
+        }),
+    ];
+    let mut client = cluster.client(&record, DEADLINE);
+    for call in &calls {
+        let told = client.write(call, give_up).await;
+        assert!(told.is_ok(), "{call:?}: {told:?}");
+    }
+    let code = record.lock().unwrap().claims["cl-1"]
+        .response
+        .grant
+        .clone()
+        .unwrap()
+        .code;
+    let redeem_code = Call::RedeemGift(pb::RedeemGiftRequest {
+        code,
+        redemption_key: "g-1".into(),
+        store_id: "store-1".into(),
+    });
+    assert!(client.write(&redeem_code, give_up).await.is_ok());
+
+    let record = std::mem::take(&mut *record.lock().unwrap());
+    let clean = audit(&cluster, &record, Duration::from_secs(5)).await;
+    assert!(
+        clean.violations.is_empty(),
+        "the untouched state: {:#?}\n{}",
+        clean.violations,
+        cluster.diagnostics()
+    );
+    let db = &clean.database;
+    assert_eq!((db.accounts_in_debt, db.debt_total), (1, 15));
+    assert_eq!(db.holds.get("expired"), Some(&1), "{:?}", db.holds);
+    assert_eq!((db.gift_claims, db.gift_codes_redeemed), (1, 1));
+
+    let card = |external_id: &str| {
+        format!("(SELECT id FROM customers WHERE external_id = '{external_id}')")
+    };
+    let breaks: Vec<(&str, String, &str)> = vec![
+        (
+            "rule 1: the ledger no longer adds up to the balance",
+            format!(
+                "UPDATE accounts SET available = available + 1 WHERE customer_id = {}",
+                card("card-3")
+            ),
+            "!= Σ ledger",
+        ),
+        (
+            "rule 2: an overdraft the debt does not cover",
+            format!(
+                "ALTER TABLE accounts DROP CONSTRAINT accounts_no_overdraft;
+                 UPDATE accounts SET debt = 0 WHERE customer_id = {}",
+                card("card-2")
+            ),
+            "card-2: overdraft",
+        ),
+        (
+            "rule 2: below zero without a return",
+            format!(
+                "UPDATE accounts SET available = -5, debt = 5 WHERE customer_id = {}",
+                card("card-3")
+            ),
+            "without any return's clawback",
+        ),
+        (
+            "lots that do not add up to the balance",
+            "UPDATE point_lots SET remaining = remaining - 1
+              WHERE source_kind = 'earn' AND source_reference = 'p-2'"
+                .into(),
+            "card-1: lots hold",
+        ),
+        (
+            "a second redemption nobody was told about",
+            "INSERT INTO redemptions (merchant_id, redemption_id, customer_id, points,
+                                      discount_minor, purchase_id, request_hash, answer)
+             SELECT merchant_id, 'rd-1-again', customer_id, points, discount_minor,
+                    purchase_id, request_hash, answer
+               FROM redemptions WHERE redemption_id = 'rd-1'"
+                .into(),
+            "redemption rd-1-again: stored, but no client was ever told",
+        ),
+        (
+            "a redemption that moved points twice",
+            "INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
+                                         occurred_at)
+             SELECT merchant_id, customer_id,
+                    (SELECT max(seq) + 1 FROM ledger_entries x
+                      WHERE x.merchant_id = e.merchant_id AND x.customer_id = e.customer_id),
+                    kind, points, reference, occurred_at
+               FROM ledger_entries e WHERE kind = 'redeem' AND reference = 'rd-1'"
+                .into(),
+            "redemption rd-1 of 20 points: 2 REDEEM entries",
+        ),
+        (
+            "a redemption stored with other points than its till was told",
+            "UPDATE redemptions SET points = 21 WHERE redemption_id = 'rd-1'".into(),
+            "redemption rd-1: told 20 points",
+        ),
+        (
+            "rule 4: a committed hold marked released",
+            "UPDATE reservations
+                SET status = 'released',
+                    settled_answer = jsonb_set(settled_answer, '{status}', '\"released\"')
+              WHERE reservation_id = 'h-1'"
+                .into(),
+            "hold h-1 is released, but has 1 RELEASE entries",
+        ),
+        (
+            "rule 4: a hold left held past its expiry",
+            "UPDATE reservations
+                SET status = 'held', settled_at = NULL, settled_answer = NULL,
+                    expires_at = now() - interval '1 minute'
+              WHERE reservation_id = 'h-2'"
+                .into(),
+            "hold h-2 is still held",
+        ),
+        (
+            "rule 4: an expired hold released long after its expiry",
+            "UPDATE reservations SET settled_at = expires_at + interval '1 minute'
+              WHERE reservation_id = 'h-3'"
+                .into(),
+            "hold h-3 was released by the sweep",
+        ),
+        (
+            "a return stored with another answer than its till was told",
+            "UPDATE purchase_returns
+                SET answer = jsonb_set(answer, '{points_clawed_back}', '999')
+              WHERE return_id = 'rt-1'"
+                .into(),
+            "return rt-1: told",
+        ),
+        (
+            "a second return nobody was told about",
+            "INSERT INTO purchase_returns (merchant_id, return_id, purchase_id, customer_id,
+                                           returned_minor, request_hash, answer)
+             SELECT merchant_id, 'rt-1-again', purchase_id, customer_id, returned_minor,
+                    request_hash, answer
+               FROM purchase_returns WHERE return_id = 'rt-1'"
+                .into(),
+            "return rt-1-again: stored, but no client was ever told",
+        ),
+        (
+            "a purchase returned in full that did not take back all it earned",
+            "UPDATE purchases SET points_clawed_back = points_clawed_back - 1
+              WHERE purchase_id = 'p-3'"
+                .into(),
+            "p-3: earned 20, took back 19",
+        ),
+        (
+            "gift stock below zero",
+            "ALTER TABLE gifts DROP CONSTRAINT gifts_stock_check;
+             UPDATE gifts SET stock = -1 WHERE gift_id = 'mug'"
+                .into(),
+            "gift mug: stock Some(-1) is below zero",
+        ),
+        (
+            "more gifts granted than the stock had",
+            "UPDATE gifts SET stock = stock + 1 WHERE gift_id = 'mug'".into(),
+            "gift mug: created with a stock of 3",
+        ),
+        (
+            "rule 5: one code redeemed twice",
+            "ALTER TABLE gift_grants DROP CONSTRAINT gift_grants_code_key;
+             INSERT INTO gift_grants (merchant_id, customer_id, gift_id, code, status, source,
+                                      source_reference, valid_from, valid_until, redeemed_at,
+                                      redemption_key, redemption_hash)
+             SELECT merchant_id, customer_id, gift_id, code, status, 'manual', 'copy',
+                    valid_from, valid_until, redeemed_at, 'g-2', redemption_hash
+               FROM gift_grants WHERE redemption_key = 'g-1'"
+                .into(),
+            "redeemed 2 times",
+        ),
+        (
+            "a gift claim that took no points",
+            "DELETE FROM ledger_entries WHERE kind = 'redeem' AND reference = 'cl-1'".into(),
+            "gift claim cl-1 of 10 points",
+        ),
+    ];
+    let pool = cluster.pool().await;
+    let mut tx = pool.begin().await.unwrap();
+    let untouched = cluster::check_database(&mut tx, cluster.merchant, &record).await;
+    tx.rollback().await.unwrap();
+    assert!(
+        untouched.violations.is_empty(),
+        "{:#?}",
+        untouched.violations
+    );
+    let mut missed = Vec::new();
+    for (rule, statements, expected) in &breaks {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.clone()))
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let found = cluster::check_database(&mut tx, cluster.merchant, &record).await;
+        tx.rollback().await.unwrap();
+        if !found.violations.iter().any(|v| v.contains(expected)) {
+            missed.push(format!(
+                "{rule}: expected {expected:?}, the audit said {:#?}",
+                found.violations
+            ));
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "{} breaks not reported:\n{}",
+        missed.len(),
+        missed.join("\n")
+    );
+
+    // The record's own checks: one code redeemed by two keys, one hold committed and released.
+    let mut told = Record::default();
+    let grant = pb::GiftGrant {
+        code: "ABCD-EFGH-JKMN-PQRS-T".into(),
+        status: pb::GiftGrantStatus::Redeemed.into(),
+        ..Default::default()
+    };
+    for key in ["till-a", "till-b"] {
+        let call = Call::RedeemGift(pb::RedeemGiftRequest {
+            code: grant.code.clone(),
+            redemption_key: key.into(),
+            store_id: String::new(),
+        });
+        let answer = Reply::RedeemGift(pb::RedeemGiftResponse {
+            grant: Some(grant.clone()),
+        });
+        told.book(&call, &Ok(answer));
+    }
+    let hold = pb::ReservePointsRequest {
+        reservation_id: "h".into(),
+        points: 5,
+        ..Default::default()
+    };
+    told.book(
+        &Call::Reserve(hold.clone()),
+        &Ok(Reply::Reserve(pb::ReservePointsResponse {
+            reservation_id: "h".into(),
+            points: 5,
+            ..Default::default()
+        })),
+    );
+    for (call, status) in [
+        (
+            Call::Commit(pb::CommitReservationRequest {
+                reservation_id: "h".into(),
+            }),
+            pb::ReservationStatus::Committed,
+        ),
+        (
+            Call::Release(pb::ReleaseReservationRequest {
+                reservation_id: "h".into(),
+            }),
+            pb::ReservationStatus::Released,
+        ),
+    ] {
+        let answer = pb::SettleReservationResponse {
+            reservation_id: "h".into(),
+            status: status.into(),
+            points: 5,
+            ..Default::default()
+        };
+        told.book(&call, &Ok(Reply::Settle(answer)));
+    }
+    for expected in ["a gift code was redeemed twice", "hold h was settled twice"] {
+        assert!(
+            told.violations.iter().any(|v| v.contains(expected)),
+            "{expected:?} not in {:#?}",
+            told.violations
+        );
+    }
 }
