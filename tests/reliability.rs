@@ -25,8 +25,8 @@ use loyalty_testkit as common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    self, Call, CatalogGift, Cluster, Mix, Record, Reply, Workload, audit, figures, profile,
-    receipt,
+    self, Call, CatalogGift, Cluster, HOLD_RELEASE_SLACK, Mix, Record, Reply, Workload, audit,
+    audit_after_outage, figures, profile, receipt,
 };
 use futures::future::join_all;
 use loyalty::pb;
@@ -576,7 +576,14 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     let _ = stop_health.send(true);
     let health = health.await.unwrap();
 
-    let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
+    // The sweep stopped with PostgreSQL: a hold due meanwhile waits that much longer.
+    let audit = audit_after_outage(
+        &cluster,
+        &record,
+        Duration::from_secs(5),
+        back_at - crashed_at,
+    )
+    .await;
     let mut violations = audit.violations.clone();
     let failures_in_outage = record.failures_between(crashed_at, back_at);
     if failures_in_outage == 0 {
@@ -662,7 +669,9 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (record, ran) = running.stop().await;
 
-    let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
+    // The sweep stopped with the server.
+    let outage = restarted_at - killed_at + ready_in;
+    let audit = audit_after_outage(&cluster, &record, Duration::from_secs(5), outage).await;
     let mut violations = audit.violations.clone();
     if record.failures_between(killed_at, restarted_at) == 0 {
         violations.push("no client noticed that the server was gone".into());
@@ -1026,7 +1035,8 @@ async fn the_audit_reports_each_broken_rule() {
     ];
     let pool = cluster.pool().await;
     let mut tx = pool.begin().await.unwrap();
-    let untouched = cluster::check_database(&mut tx, cluster.merchant, &record).await;
+    let untouched =
+        cluster::check_database(&mut tx, cluster.merchant, &record, HOLD_RELEASE_SLACK).await;
     tx.rollback().await.unwrap();
     assert!(
         untouched.violations.is_empty(),
@@ -1040,7 +1050,8 @@ async fn the_audit_reports_each_broken_rule() {
             .execute(&mut *tx)
             .await
             .unwrap_or_else(|e| panic!("{rule}: {e}"));
-        let found = cluster::check_database(&mut tx, cluster.merchant, &record).await;
+        let found =
+            cluster::check_database(&mut tx, cluster.merchant, &record, HOLD_RELEASE_SLACK).await;
         tx.rollback().await.unwrap();
         if !found.violations.iter().any(|v| v.contains(expected)) {
             missed.push(format!(

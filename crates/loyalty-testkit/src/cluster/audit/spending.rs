@@ -8,16 +8,17 @@ use loyalty::{MerchantId, pb};
 use sqlx::PgConnection;
 
 use super::super::*;
-use super::{DatabaseAudit, HOLD_RELEASE_SLACK};
+use super::DatabaseAudit;
 
 pub(super) async fn check(
     conn: &mut PgConnection,
     merchant: MerchantId,
     record: &Record,
+    hold_release_slack: Duration,
     found: &mut DatabaseAudit,
 ) {
     check_redemptions(conn, merchant, record, found).await;
-    check_holds(conn, merchant, record, found).await;
+    check_holds(conn, merchant, record, hold_release_slack, found).await;
     check_returns(conn, merchant, record, found).await;
 }
 
@@ -179,11 +180,12 @@ async fn check_holds(
     conn: &mut PgConnection,
     merchant: MerchantId,
     record: &Record,
+    slack: Duration,
     found: &mut DatabaseAudit,
 ) {
     let rows: Vec<HoldRow> = sqlx::query_as(HOLDS)
         .bind(merchant.0)
-        .bind(HOLD_RELEASE_SLACK.as_secs_f64())
+        .bind(slack.as_secs_f64())
         .fetch_all(&mut *conn)
         .await
         .expect("audit: holds");
@@ -231,7 +233,7 @@ async fn check_holds(
         }
         if h.overdue {
             v.push(format!(
-                "hold {id} is still held more than {HOLD_RELEASE_SLACK:?} after its expiry"
+                "hold {id} is still held more than {slack:?} after its expiry"
             ));
         }
         if h.status == "expired"
@@ -239,10 +241,10 @@ async fn check_holds(
         {
             let delay = Duration::from_millis(ms.max(0) as u64);
             found.max_hold_release_delay = found.max_hold_release_delay.max(Some(delay));
-            if delay > HOLD_RELEASE_SLACK {
+            if delay > slack {
                 v.push(format!(
                     "hold {id} was released by the sweep {delay:?} after its expiry (slack \
-                     {HOLD_RELEASE_SLACK:?})"
+                     {slack:?})"
                 ));
             }
         }
@@ -315,6 +317,7 @@ struct ReturnRow {
     written_off: i64,
     refunded: i64,
     version: i64,
+    left_debt: bool,
     clawback_entries: i64,
     clawback_points: i64,
     refund_entries: i64,
@@ -333,6 +336,7 @@ async fn check_returns(
                 (r.answer->>'points_written_off')::bigint AS written_off,
                 (r.answer->>'points_refunded')::bigint AS refunded,
                 (r.answer->'account'->>'version')::bigint AS version,
+                (r.answer->'account'->>'available')::bigint < 0 AS left_debt,
                 count(e.*) FILTER (WHERE e.kind = 'return_clawback') AS clawback_entries,
                 COALESCE(sum(e.points) FILTER (WHERE e.kind = 'return_clawback'), 0)::bigint
                     AS clawback_points,
@@ -358,6 +362,7 @@ async fn check_returns(
     for r in &rows {
         let id = &r.return_id;
         stored.insert(id.as_str());
+        found.returns_leaving_debt += usize::from(r.left_debt);
         if r.clawback_entries != i64::from(r.clawed_back > 0)
             || r.clawback_points != -r.clawed_back
             || r.refund_entries != i64::from(r.refunded > 0)
