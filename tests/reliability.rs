@@ -2,23 +2,27 @@
 //! replays, hot customers, Redis stopped and restarted (then frozen), PostgreSQL crashed with
 //! `pg_ctl -m immediate`, the server SIGKILLed, and Redis away for longer under a till-shaped
 //! load, each under real concurrent load through the generated gRPC client; plus the
-//! regression test of a stale cache entry left by a crash.
+//! regression test of a stale cache entry left by a crash, and the proof that every audit
+//! check can fail.
 //!
-//! Every scenario runs against a rig of its own (tests/common/cluster.rs): a throwaway
+//! Every scenario runs against a rig of its own (`loyalty_testkit::cluster`): a throwaway
 //! PostgreSQL cluster, a private Redis and the real `loyalty serve` binary, all on loopback.
-//! Clients behave like tills: a request that fails with a retryable code is sent again,
-//! identical (same purchase_id, same content), after a short backoff. Every scenario ends with
-//! the audit of `cluster::audit`: for every customer `available + pending == Σ ledger`, no
-//! overdraft, every acknowledged write present exactly once with what the client was told,
-//! nothing stored that no client was told about, and the cache and GetBalance showing the
-//! committed state. Each scenario writes its figures to `target/reliability/<scenario>.json`
-//! and prints them on one `RELIABILITY {...}` line. The workload is random; its seed is in the
-//! figures, and `LOYALTY_RELIABILITY_SEED` replays it (timing still varies).
-//!
-//! Only earning (RecordPurchase) and enrolling (EnrollCustomer) exist today, so the workload
-//! runs those (plus balance reads). Redeem, Return and Reserve slot in as further
-//! `cluster::Op` variants when their RPCs land; `cluster::audit` marks where their rules
-//! (no overdraft through redemption, reservations settled exactly once) get checked.
+//! Clients behave like tills: they record purchases, enroll, read their writes back, redeem
+//! points, hold points and then commit or release the hold (or both at once from two tills,
+//! or too late, or never, leaving it to the sweep), return their own purchases in part or in
+//! full, claim a small-stock catalog gift and redeem its codes (sometimes two tills at once).
+//! A request that fails with a retryable code is sent again, identical (same client key, same
+//! content), after a short backoff; refusals a till can expect (not enough points, sold out,
+//! commit after release) are outcomes, booked with their code. Every scenario ends with the
+//! audit of `cluster::audit`: for every customer `available + pending == Σ ledger`, no
+//! overdraft (only a return's debt below zero), lots adding up to the balance, every
+//! acknowledged write stored exactly once with what the client was told and nothing stored
+//! that no client was told about, every hold committed XOR released and none left open past
+//! its expiry, gift stock never negative nor oversold, each code redeemed at most once, and
+//! the cache and GetBalance showing the committed state. Each scenario writes its figures to
+//! `target/reliability/<scenario>.json` and prints them on one `RELIABILITY {...}` line. The
+//! workload is random; its seed is in the figures, and `LOYALTY_RELIABILITY_SEED` replays it
+//! (timing still varies).
 
 use loyalty_testkit as common;
 
