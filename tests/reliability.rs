@@ -2,32 +2,38 @@
 //! replays, hot customers, Redis stopped and restarted (then frozen), PostgreSQL crashed with
 //! `pg_ctl -m immediate`, the server SIGKILLed, and Redis away for longer under a till-shaped
 //! load, each under real concurrent load through the generated gRPC client; plus the
-//! regression test of a stale cache entry left by a crash.
+//! regression test of a stale cache entry left by a crash, and the proof that every audit
+//! check can fail.
 //!
-//! Every scenario runs against a rig of its own (tests/common/cluster.rs): a throwaway
+//! Every scenario runs against a rig of its own (`loyalty_testkit::cluster`): a throwaway
 //! PostgreSQL cluster, a private Redis and the real `loyalty serve` binary, all on loopback.
-//! Clients behave like tills: a request that fails with a retryable code is sent again,
-//! identical (same purchase_id, same content), after a short backoff. Every scenario ends with
-//! the audit of `cluster::audit`: for every customer `available + pending == Σ ledger`, no
-//! overdraft, every acknowledged write present exactly once with what the client was told,
-//! nothing stored that no client was told about, and the cache and GetBalance showing the
-//! committed state. Each scenario writes its figures to `target/reliability/<scenario>.json`
-//! and prints them on one `RELIABILITY {...}` line. The workload is random; its seed is in the
-//! figures, and `LOYALTY_RELIABILITY_SEED` replays it (timing still varies).
-//!
-//! Only earning (RecordPurchase) and enrolling (EnrollCustomer) exist today, so the workload
-//! runs those (plus balance reads). Redeem, Return and Reserve slot in as further
-//! `cluster::Op` variants when their RPCs land; `cluster::audit` marks where their rules
-//! (no overdraft through redemption, reservations settled exactly once) get checked.
+//! Clients behave like tills: they record purchases, enroll, read their writes back, redeem
+//! points, hold points and then commit or release the hold (or both at once from two tills,
+//! or too late, or never, leaving it to the sweep), return their own purchases in part or in
+//! full, claim a small-stock catalog gift and redeem its codes (sometimes two tills at once).
+//! A request that fails with a retryable code is sent again, identical (same client key, same
+//! content), after a short backoff; refusals a till can expect (not enough points, sold out,
+//! commit after release) are outcomes, booked with their code. Every scenario ends with the
+//! audit of `cluster::audit`: for every customer `available + pending == Σ ledger`, no
+//! overdraft (only a return's debt below zero), lots adding up to the balance, every
+//! acknowledged write stored exactly once with what the client was told and nothing stored
+//! that no client was told about, every hold committed XOR released and none left open past
+//! its expiry, gift stock never negative nor oversold, each code redeemed at most once, and
+//! the cache and GetBalance showing the committed state. Each scenario writes its figures to
+//! `target/reliability/<scenario>.json` and prints them on one `RELIABILITY {...}` line. The
+//! workload is random; its seed is in the figures, and `LOYALTY_RELIABILITY_SEED` replays it
+//! (timing still varies).
 
 use loyalty_testkit as common;
 
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    self, Call, Cluster, Mix, Record, Workload, audit, figures, profile, receipt,
+    self, Call, CatalogGift, Cluster, HOLD_RELEASE_SLACK, Mix, Record, Reply, Workload, audit,
+    audit_after_outage, figures, profile, receipt,
 };
 use futures::future::join_all;
+use loyalty::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::Connection;
@@ -86,7 +92,8 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
                 let request = receipt(&mut rng, &format!("c-{}", i % 20), &format!("r-{n}"));
                 let copies = rng.random_range(1..=5);
                 copies_sent += copies;
-                let answers = cluster::replay(&client, &request, copies, n % 2 == 1, give_up).await;
+                let answers =
+                    cluster::replay_purchase(&client, &request, copies, n % 2 == 1, give_up).await;
                 assert_eq!(answers.len(), copies);
             }
             copies_sent
@@ -128,36 +135,73 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
         enrolment.unwrap();
     }
 
-    // A control: the same purchase_id with different content is refused and changes nothing
-    // (so the replays above were recognised by content, not waved through).
+    let phase_one_replays = record.lock().unwrap().replays;
+
+    // Spending replays: 8 tills on the same 20 customers, 30 operations each: redemptions,
+    // holds and their settlements (commit, release, both at once, commit after release or
+    // after the ttl, or none), returns of purchases the till recorded, gift claims and
+    // redemptions of the codes (now and then by two tills at once), and every acknowledged
+    // write sent again 1–4 times, one copy after the other or all at once.
+    let mut spending = Workload::new(LANES as usize);
+    spending.hot = (0..20).map(|i| format!("c-{i}")).collect();
+    spending.cold = Vec::new();
+    spending.new_customer_percent = 0;
+    spending.mix = Mix {
+        earn: 15,
+        redeem: 20,
+        reserve: 30,
+        return_purchase: 20,
+        claim_gift: 8,
+        redeem_gift: 7,
+        ..Mix::default()
+    };
+    spending.replay_percent = 100;
+    spending.replay_copies = 4;
+    spending.operations_per_worker = Some(30);
+    spending.deadline = DEADLINE;
+    spending.seed = seed;
+    spending
+        .start_recording(&cluster, &record)
+        .await
+        .join()
+        .await;
+    let spending_replays = record.lock().unwrap().replays - phase_one_replays;
+
+    // Controls: each client key used again with other content is refused and changes
+    // nothing (so the replays above were recognised by content, not waved through).
     let mut client = cluster.client(&record, DEADLINE);
+    let controls = conflicting_reuses(&record.lock().unwrap(), &mut rng);
     let mut refused = 0;
-    for n in 0..5 {
-        let mut request = receipt(&mut rng, "c-0", &format!("r-{n}"));
-        request.total_minor += 1;
-        request.lines.truncate(1);
-        request.lines[0].amount_minor = request.total_minor;
-        match client.call(&Call::Earn(request), give_up).await {
+    for control in &controls {
+        match client.call(control, give_up).await {
             Err(Some(status)) if status.code() == Code::AlreadyExists => refused += 1,
-            other => record
-                .lock()
-                .unwrap()
-                .violations
-                .push(format!("r-{n} reused with other content: {other:?}")),
+            other => record.lock().unwrap().violations.push(format!(
+                "{:?} reused with other content: {other:?}",
+                control.key()
+            )),
         }
     }
-    copies_sent += 5;
+    copies_sent += controls.len();
     let ran = started.elapsed();
 
     let record = std::mem::take(&mut *record.lock().unwrap());
     let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
     let mut violations = audit.violations.clone();
-    if record.acknowledged.len() != distinct || audit.purchases != distinct {
+    let receipts_acknowledged = (0..distinct)
+        .filter(|n| record.acknowledged.contains_key(&format!("r-{n}")))
+        .count();
+    if receipts_acknowledged != distinct || audit.purchases != record.acknowledged.len() {
         violations.push(format!(
-            "{distinct} distinct receipts: {} acknowledged, {} stored",
+            "{distinct} distinct receipts: {receipts_acknowledged} acknowledged; {} purchases \
+             acknowledged in all, {} stored",
             record.acknowledged.len(),
             audit.purchases
         ));
+    }
+    for (kind, acknowledged) in record.acknowledged_by_kind() {
+        if acknowledged == 0 {
+            violations.push(format!("no {kind} was acknowledged: the replays missed it"));
+        }
     }
     for member in &members {
         let created = record.enrolled.get(member).copied().unwrap_or(0);
@@ -174,9 +218,11 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
         &audit,
         ran,
         serde_json::json!({
-            "distinct_writes": distinct + members.len(),
+            "distinct_receipts_and_enrolments": distinct + members.len(),
             "copies_sent": copies_sent,
-            "replays": copies_sent - distinct - members.len() - 5,
+            "replays": copies_sent - distinct - members.len() - controls.len(),
+            "spending_replays": spending_replays,
+            "conflicting_reuses": controls.len(),
             "conflicting_reuses_refused": refused,
             "faults_injected": 0,
             "seed": seed,
@@ -185,17 +231,68 @@ async fn scenario_1_replayed_writes_have_one_effect_each() {
     conclude(&cluster, "1-replays", &violations, value);
 }
 
+/// One call per kind of client key that reuses an acknowledged key with other content:
+/// five receipts, and a redemption, a hold, a return, a gift claim and a gift redemption.
+fn conflicting_reuses(record: &Record, rng: &mut StdRng) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for n in 0..5 {
+        let mut request = receipt(rng, "c-0", &format!("r-{n}"));
+        request.total_minor += 1;
+        request.lines.truncate(1);
+        request.lines[0].amount_minor = request.total_minor;
+        calls.push(Call::Earn(request));
+    }
+    fn first<T>(acked: &std::collections::HashMap<String, T>) -> Option<&T> {
+        acked.iter().min_by_key(|(key, _)| *key).map(|(_, ack)| ack)
+    }
+    if let Some(ack) = first(&record.redemptions) {
+        let mut request = ack.request.clone();
+        request.points += 1;
+        calls.push(Call::Redeem(request));
+    }
+    if let Some(hold) = first(&record.holds) {
+        let mut request = hold.request.clone();
+        request.points += 1;
+        calls.push(Call::Reserve(request));
+    }
+    if let Some(ack) = first(&record.returns) {
+        let mut request = ack.request.clone();
+        match request.lines.first_mut() {
+            Some(line) => line.amount_minor += 1,
+            None => request.amount_minor += 1,
+        }
+        calls.push(Call::Return(request));
+    }
+    if let Some(ack) = first(&record.claims) {
+        let mut request = ack.request.clone();
+        request.external_id = if request.external_id == "c-0" {
+            "c-1"
+        } else {
+            "c-0"
+        }
+        .into();
+        calls.push(Call::ClaimGift(request));
+    }
+    if let Some(ack) = first(&record.gift_redemptions) {
+        let mut request = ack.request.clone();
+        request.store_id = "store-2".into();
+        calls.push(Call::RedeemGift(request));
+    }
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scenario_2_hot_customers_under_concurrent_writes_for_30_seconds() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start("2-hot-customers").await;
     let mut workload = Workload::new(16);
     workload.mix = Mix {
-        earn: 85,
-        enroll: 5,
-        balance: 10,
+        earn: 60,
+        enroll: 4,
+        balance: 8,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let (record, ran) = running.stop().await;
 
@@ -229,11 +326,11 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
     let mut cluster = Cluster::start("3-redis-restart").await;
     let mut workload = Workload::new(8);
     workload.mix = Mix {
-        earn: 60,
-        enroll: 5,
-        balance: 35,
+        earn: 45,
+        balance: 30,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut redis = cluster.redis.connection().await;
     let keys_before = cache_keys(&mut redis, &cluster.key_prefix).await;
@@ -308,11 +405,12 @@ async fn scenario_12_redis_away_for_a_day_at_the_tills() {
     workload.replay_percent = 30;
     workload.deadline = Duration::from_secs(5);
     workload.mix = Mix {
-        earn: 70,
+        earn: 55,
         enroll: 2,
-        balance: 28,
+        balance: 20,
+        ..Mix::till_day()
     };
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let stopped_at = Instant::now();
@@ -461,7 +559,7 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start("4-postgres-crash").await;
     let workload = Workload::new(8);
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     let (stop_health, health) = watch_health(cluster.endpoint());
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -482,7 +580,14 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     let _ = stop_health.send(true);
     let health = health.await.unwrap();
 
-    let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
+    // The sweep stopped with PostgreSQL: a hold due meanwhile waits that much longer.
+    let audit = audit_after_outage(
+        &cluster,
+        &record,
+        Duration::from_secs(5),
+        back_at - crashed_at,
+    )
+    .await;
     let mut violations = audit.violations.clone();
     let failures_in_outage = record.failures_between(crashed_at, back_at);
     if failures_in_outage == 0 {
@@ -553,7 +658,7 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start("5-server-sigkill").await;
     let workload = Workload::new(8);
-    let running = workload.start(&cluster);
+    let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let killed_at = Instant::now();
@@ -568,7 +673,9 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (record, ran) = running.stop().await;
 
-    let audit = audit(&cluster, &record, Duration::from_secs(5)).await;
+    // The sweep stopped with the server.
+    let outage = restarted_at - killed_at + ready_in;
+    let audit = audit_after_outage(&cluster, &record, Duration::from_secs(5), outage).await;
     let mut violations = audit.violations.clone();
     if record.failures_between(killed_at, restarted_at) == 0 {
         violations.push("no client noticed that the server was gone".into());
@@ -678,4 +785,350 @@ async fn a_cache_update_lost_to_a_crash_is_repaired_by_the_restarted_server() {
         "{}",
         cluster.diagnostics()
     );
+}
+
+/// Every check the audit makes of spending, holds, returns and gifts can fail. A few writes of
+/// each kind (a debt from a return among them, a hold left to the sweep) leave a state the
+/// audit passes; then each rule is broken by hand, each in a transaction of its own that is
+/// rolled back (a constraint that would refuse the break is dropped inside it), and the audit
+/// of that transaction must report the broken rule. The checks the record makes itself (two
+/// tills told they redeemed one code, a hold committed and released) are fed the answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_reports_each_broken_rule() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start("audit-breaks").await;
+    let record = Record::shared();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let gift = CatalogGift {
+        gift_id: "mug".into(),
+        points_price: 10,
+        stock: 3,
+    };
+    cluster.create_gift(&gift).await;
+    record
+        .lock()
+        .unwrap()
+        .gift_stock
+        .insert(gift.gift_id.clone(), gift.stock);
+    let redeem = |external_id: &str, redemption_id: &str, points, purchase_id: &str| {
+        Call::Redeem(pb::RedeemPointsRequest {
+            external_id: external_id.into(),
+            redemption_id: redemption_id.into(),
+            points,
+            purchase_id: purchase_id.into(),
+        })
+    };
+    let reserve = |reservation_id: &str, points, ttl_seconds| {
+        Call::Reserve(pb::ReservePointsRequest {
+            external_id: "card-1".into(),
+            reservation_id: reservation_id.into(),
+            points,
+            ttl_seconds,
+            purchase_id: String::new(),
+        })
+    };
+    let give_back = |purchase_id: &str, return_id: &str, amount_minor| {
+        Call::Return(pb::ReturnPurchaseRequest {
+            purchase_id: purchase_id.into(),
+            return_id: return_id.into(),
+            lines: Vec::new(),
+            amount_minor,
+        })
+    };
+    let calls = [
+        // card-1: 50 + 30 points, card-2: 20, card-3: 10.
+        Call::Earn(common::purchase("card-1", "p-1", 5000)),
+        Call::Earn(common::purchase("card-1", "p-2", 3000)),
+        Call::Earn(common::purchase("card-2", "p-3", 2000)),
+        Call::Earn(common::purchase("card-3", "p-4", 1000)),
+        redeem("card-1", "rd-1", 20, "p-1"),
+        redeem("card-2", "rd-2", 15, ""),
+        reserve("h-1", 10, 60),
+        Call::Commit(pb::CommitReservationRequest {
+            reservation_id: "h-1".into(),
+        }),
+        reserve("h-2", 5, 60),
+        Call::Release(pb::ReleaseReservationRequest {
+            reservation_id: "h-2".into(),
+        }),
+        // Left for the sweep to release.
+        reserve("h-3", 5, 1),
+        // A fifth of p-1: its points and a fifth of rd-1 back. All of p-3, whose 20 points
+        // card-2 has only 5 of: a debt of 15.
+        give_back("p-1", "rt-1", 1000),
+        give_back("p-3", "rt-2", 2000),
+        Call::ClaimGift(pb::ClaimGiftRequest {
+            external_id: "card-1".into(),
+            gift_id: gift.gift_id.clone(),
+            claim_key: "cl-1".into(),
+        }),
+    ];
+    let mut client = cluster.client(&record, DEADLINE);
+    for call in &calls {
+        let told = client.write(call, give_up).await;
+        assert!(told.is_ok(), "{call:?}: {told:?}");
+    }
+    let code = record.lock().unwrap().claims["cl-1"]
+        .response
+        .grant
+        .clone()
+        .unwrap()
+        .code;
+    let redeem_code = Call::RedeemGift(pb::RedeemGiftRequest {
+        code,
+        redemption_key: "g-1".into(),
+        store_id: "store-1".into(),
+    });
+    assert!(client.write(&redeem_code, give_up).await.is_ok());
+
+    let record = std::mem::take(&mut *record.lock().unwrap());
+    let clean = audit(&cluster, &record, Duration::from_secs(5)).await;
+    assert!(
+        clean.violations.is_empty(),
+        "the untouched state: {:#?}\n{}",
+        clean.violations,
+        cluster.diagnostics()
+    );
+    let db = &clean.database;
+    assert_eq!((db.accounts_in_debt, db.debt_total), (1, 15));
+    assert_eq!(db.holds.get("expired"), Some(&1), "{:?}", db.holds);
+    assert_eq!((db.gift_claims, db.gift_codes_redeemed), (1, 1));
+
+    let card = |external_id: &str| {
+        format!("(SELECT id FROM customers WHERE external_id = '{external_id}')")
+    };
+    let breaks: Vec<(&str, String, &str)> = vec![
+        (
+            "rule 1: the ledger no longer adds up to the balance",
+            format!(
+                "UPDATE accounts SET available = available + 1 WHERE customer_id = {}",
+                card("card-3")
+            ),
+            "!= Σ ledger",
+        ),
+        (
+            "rule 2: an overdraft the debt does not cover",
+            format!(
+                "ALTER TABLE accounts DROP CONSTRAINT accounts_no_overdraft;
+                 UPDATE accounts SET debt = 0 WHERE customer_id = {}",
+                card("card-2")
+            ),
+            "card-2: overdraft",
+        ),
+        (
+            "rule 2: below zero without a return",
+            format!(
+                "UPDATE accounts SET available = -5, debt = 5 WHERE customer_id = {}",
+                card("card-3")
+            ),
+            "without any return's clawback",
+        ),
+        (
+            "lots that do not add up to the balance",
+            "UPDATE point_lots SET remaining = remaining - 1
+              WHERE source_kind = 'earn' AND source_reference = 'p-2'"
+                .into(),
+            "card-1: lots hold",
+        ),
+        (
+            "a second redemption nobody was told about",
+            "INSERT INTO redemptions (merchant_id, redemption_id, customer_id, points,
+                                      discount_minor, purchase_id, request_hash, answer)
+             SELECT merchant_id, 'rd-1-again', customer_id, points, discount_minor,
+                    purchase_id, request_hash, answer
+               FROM redemptions WHERE redemption_id = 'rd-1'"
+                .into(),
+            "redemption rd-1-again: stored, but no client was ever told",
+        ),
+        (
+            "a redemption that moved points twice",
+            "INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
+                                         occurred_at)
+             SELECT merchant_id, customer_id,
+                    (SELECT max(seq) + 1 FROM ledger_entries x
+                      WHERE x.merchant_id = e.merchant_id AND x.customer_id = e.customer_id),
+                    kind, points, reference, occurred_at
+               FROM ledger_entries e WHERE kind = 'redeem' AND reference = 'rd-1'"
+                .into(),
+            "redemption rd-1 of 20 points: 2 REDEEM entries",
+        ),
+        (
+            "a redemption stored with other points than its till was told",
+            "UPDATE redemptions SET points = 21 WHERE redemption_id = 'rd-1'".into(),
+            "redemption rd-1: told 20 points",
+        ),
+        (
+            "rule 4: a committed hold marked released",
+            "UPDATE reservations
+                SET status = 'released',
+                    settled_answer = jsonb_set(settled_answer, '{status}', '\"released\"')
+              WHERE reservation_id = 'h-1'"
+                .into(),
+            "hold h-1 is released, but has 1 RELEASE entries",
+        ),
+        (
+            "rule 4: a hold left held past its expiry",
+            "UPDATE reservations
+                SET status = 'held', settled_at = NULL, settled_answer = NULL,
+                    expires_at = now() - interval '1 minute'
+              WHERE reservation_id = 'h-2'"
+                .into(),
+            "hold h-2 is still held",
+        ),
+        (
+            "rule 4: an expired hold released long after its expiry",
+            "UPDATE reservations SET settled_at = expires_at + interval '1 minute'
+              WHERE reservation_id = 'h-3'"
+                .into(),
+            "hold h-3 was released by the sweep",
+        ),
+        (
+            "a return stored with another answer than its till was told",
+            "UPDATE purchase_returns
+                SET answer = jsonb_set(answer, '{points_clawed_back}', '999')
+              WHERE return_id = 'rt-1'"
+                .into(),
+            "return rt-1: told",
+        ),
+        (
+            "a second return nobody was told about",
+            "INSERT INTO purchase_returns (merchant_id, return_id, purchase_id, customer_id,
+                                           returned_minor, request_hash, answer)
+             SELECT merchant_id, 'rt-1-again', purchase_id, customer_id, returned_minor,
+                    request_hash, answer
+               FROM purchase_returns WHERE return_id = 'rt-1'"
+                .into(),
+            "return rt-1-again: stored, but no client was ever told",
+        ),
+        (
+            "a purchase returned in full that did not take back all it earned",
+            "UPDATE purchases SET points_clawed_back = points_clawed_back - 1
+              WHERE purchase_id = 'p-3'"
+                .into(),
+            "p-3: earned 20, took back 19",
+        ),
+        (
+            "gift stock below zero",
+            "ALTER TABLE gifts DROP CONSTRAINT gifts_stock_check;
+             UPDATE gifts SET stock = -1 WHERE gift_id = 'mug'"
+                .into(),
+            "gift mug: stock Some(-1) is below zero",
+        ),
+        (
+            "more gifts granted than the stock had",
+            "UPDATE gifts SET stock = stock + 1 WHERE gift_id = 'mug'".into(),
+            "gift mug: created with a stock of 3",
+        ),
+        (
+            "rule 5: one code redeemed twice",
+            "ALTER TABLE gift_grants DROP CONSTRAINT gift_grants_code_key;
+             INSERT INTO gift_grants (merchant_id, customer_id, gift_id, code, status, source,
+                                      source_reference, valid_from, valid_until, redeemed_at,
+                                      redemption_key, redemption_hash)
+             SELECT merchant_id, customer_id, gift_id, code, status, 'manual', 'copy',
+                    valid_from, valid_until, redeemed_at, 'g-2', redemption_hash
+               FROM gift_grants WHERE redemption_key = 'g-1'"
+                .into(),
+            "redeemed 2 times",
+        ),
+        (
+            "a gift claim that took no points",
+            "DELETE FROM ledger_entries WHERE kind = 'redeem' AND reference = 'cl-1'".into(),
+            "gift claim cl-1 of 10 points",
+        ),
+    ];
+    let pool = cluster.pool().await;
+    let mut tx = pool.begin().await.unwrap();
+    let untouched =
+        cluster::check_database(&mut tx, cluster.merchant, &record, HOLD_RELEASE_SLACK).await;
+    tx.rollback().await.unwrap();
+    assert!(
+        untouched.violations.is_empty(),
+        "{:#?}",
+        untouched.violations
+    );
+    let mut missed = Vec::new();
+    for (rule, statements, expected) in &breaks {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.clone()))
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let found =
+            cluster::check_database(&mut tx, cluster.merchant, &record, HOLD_RELEASE_SLACK).await;
+        tx.rollback().await.unwrap();
+        if !found.violations.iter().any(|v| v.contains(expected)) {
+            missed.push(format!(
+                "{rule}: expected {expected:?}, the audit said {:#?}",
+                found.violations
+            ));
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "{} breaks not reported:\n{}",
+        missed.len(),
+        missed.join("\n")
+    );
+
+    // The record's own checks: one code redeemed by two keys, one hold committed and released.
+    let mut told = Record::default();
+    let grant = pb::GiftGrant {
+        code: "ABCD-EFGH-JKMN-PQRS-T".into(),
+        status: pb::GiftGrantStatus::Redeemed.into(),
+        ..Default::default()
+    };
+    for key in ["till-a", "till-b"] {
+        let call = Call::RedeemGift(pb::RedeemGiftRequest {
+            code: grant.code.clone(),
+            redemption_key: key.into(),
+            store_id: String::new(),
+        });
+        let answer = Reply::RedeemGift(pb::RedeemGiftResponse {
+            grant: Some(grant.clone()),
+        });
+        told.book(&call, &Ok(answer));
+    }
+    let hold = pb::ReservePointsRequest {
+        reservation_id: "h".into(),
+        points: 5,
+        ..Default::default()
+    };
+    told.book(
+        &Call::Reserve(hold.clone()),
+        &Ok(Reply::Reserve(pb::ReservePointsResponse {
+            reservation_id: "h".into(),
+            points: 5,
+            ..Default::default()
+        })),
+    );
+    for (call, status) in [
+        (
+            Call::Commit(pb::CommitReservationRequest {
+                reservation_id: "h".into(),
+            }),
+            pb::ReservationStatus::Committed,
+        ),
+        (
+            Call::Release(pb::ReleaseReservationRequest {
+                reservation_id: "h".into(),
+            }),
+            pb::ReservationStatus::Released,
+        ),
+    ] {
+        let answer = pb::SettleReservationResponse {
+            reservation_id: "h".into(),
+            status: status.into(),
+            points: 5,
+            ..Default::default()
+        };
+        told.book(&call, &Ok(Reply::Settle(answer)));
+    }
+    for expected in ["a gift code was redeemed twice", "hold h was settled twice"] {
+        assert!(
+            told.violations.iter().any(|v| v.contains(expected)),
+            "{expected:?} not in {:#?}",
+            told.violations
+        );
+    }
 }

@@ -1100,9 +1100,9 @@ fn returned_now(
 
 /// The sweep's work, one customer per transaction: holds past their ttl are released, lots
 /// past their pending period mature, lots past their expiry expire. Safe on many replicas
-/// at once: a customer whose account another transaction holds is skipped (`SKIP LOCKED`)
-/// and left to the next pass, and every change is re-checked under the lock, so each lot
-/// expires once and each hold is released once.
+/// at once: for its lots, a customer whose account another transaction holds is skipped
+/// (`SKIP LOCKED`) and left to the next pass; a due hold waits for its account; every change
+/// is re-checked under the lock, so each lot expires once and each hold is released once.
 impl Points {
     pub async fn sweep(&self, batch: i64) -> Result<SweepReport, Error> {
         let now = self.clock.now();
@@ -1137,8 +1137,12 @@ impl Points {
         let Some(found) = store::find_reservation(&mut tx, merchant, reservation_id).await? else {
             return Ok(false);
         };
+        // Wait for the account rather than skip it: a hot customer's row is locked by one
+        // till after another, so a pass that skipped locked rows left the hold held for
+        // seconds. A till's transaction is short (and bounded by the statement timeout), and
+        // the re-check below makes a second replica's wait harmless.
         let Some(account) =
-            store::lock_account_by_id(&mut tx, merchant, found.customer_id, true).await?
+            store::lock_account_by_id(&mut tx, merchant, found.customer_id, false).await?
         else {
             return Ok(false);
         };

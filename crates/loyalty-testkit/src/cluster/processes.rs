@@ -593,6 +593,8 @@ pub struct Cluster {
     pub server: ServerProcess,
     pub merchant: MerchantId,
     pub pos_key: String,
+    /// The merchant's admin key (for the catalog).
+    pub admin_key: String,
     pub key_prefix: String,
 }
 
@@ -627,9 +629,10 @@ impl Cluster {
             statement_timeout: Duration::from_secs(10),
         })
         .unwrap();
-        let (merchant, _admin) = loyalty::create_merchant(&store, "Reliability shop", "EUR")
+        let (merchant, admin) = loyalty::create_merchant(&store, "Reliability shop", "EUR")
             .await
             .expect("merchant created");
+        let admin_key = admin.secret.expose().to_string();
         let pos_key = loyalty::create_key(&store, merchant, Scope::Pos)
             .await
             .expect("key created")
@@ -645,6 +648,7 @@ impl Cluster {
             server,
             merchant,
             pos_key,
+            admin_key,
             key_prefix,
         }
     }
@@ -684,6 +688,33 @@ impl Cluster {
         Client::new(&self.endpoint(), &self.pos_key, record.clone(), deadline)
     }
 
+    /// Puts `gift` in the merchant's catalog (CreateGift is idempotent on gift_id).
+    pub async fn create_gift(&self, gift: &CatalogGift) {
+        let channel = Endpoint::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the server");
+        let mut program = loyalty::pb::program_service_client::ProgramServiceClient::new(channel);
+        let mut request = tonic::Request::new(loyalty::pb::CreateGiftRequest {
+            gift: Some(loyalty::pb::Gift {
+                gift_id: gift.gift_id.clone(),
+                name: format!("Gift {}", gift.gift_id),
+                kind: loyalty::pb::GiftKind::Item.into(),
+                points_price: Some(gift.points_price),
+                stock: Some(gift.stock),
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.admin_key).parse().unwrap(),
+        );
+        program.create_gift(request).await.expect("gift created");
+    }
+
     /// What to print when a scenario fails: the tails of the server's and PostgreSQL's logs.
     pub fn diagnostics(&self) -> String {
         format!(
@@ -703,6 +734,3 @@ impl Cluster {
             .collect()
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// The workload.
