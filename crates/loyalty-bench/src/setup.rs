@@ -343,6 +343,93 @@ async fn fill_missing_lots(store: &Store, merchant: MerchantId, name: &str) -> R
     Ok(customers.len() as u64)
 }
 
+/// What a top-up credited.
+pub struct TopUp {
+    pub customers: u64,
+    pub points: i64,
+}
+
+/// Customers topped up per statement.
+const TOP_UP_BATCH: i64 = 50_000;
+
+/// Customers of merchant `$1` above id `$3` with fewer than `$2` available points (and no
+/// debt) get up to twice `$2`, as an adjustment credits them (an ADJUST ledger entry, `$4`
+/// and the customer id as its reference, and a lot of its own, spendable at once and never
+/// expiring, as AdjustPoints makes under the bench's program): the account moves by the points
+/// and one version. (The adjustment's idempotency row and audit record, which nobody reads
+/// here, are not written.) At most `$5` customers, in id order; returns how many, their
+/// points and the last id.
+const TOP_UP: &str = r"
+WITH due AS (
+    SELECT customer_id, 2 * $2 - available AS points, version + 1 AS seq
+      FROM accounts
+     WHERE merchant_id = $1 AND customer_id > $3 AND available >= 0 AND available < $2
+     ORDER BY customer_id
+     LIMIT $5
+       FOR UPDATE
+), account AS (
+    UPDATE accounts a
+       SET available = a.available + d.points, version = d.seq, updated_at = now()
+      FROM due d
+     WHERE a.merchant_id = $1 AND a.customer_id = d.customer_id
+), entry AS (
+    INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
+                                occurred_at)
+    SELECT $1, customer_id, seq, 'adjust', points, $4 || '-' || customer_id, now()
+      FROM due
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, customer_id, 'adjust', $4 || '-' || customer_id, points, points, now(), now(),
+           true, NULL
+      FROM due
+)
+SELECT count(*), COALESCE(sum(points), 0)::bigint, max(customer_id) FROM due
+";
+
+/// Makes sure every customer of the merchant has at least `floor` available points, crediting
+/// those below it up to twice as many (`TOP_UP`); `run_id` makes the credits' references
+/// unique. A top-up that changed rows is vacuumed, as the preload is.
+pub async fn top_up(
+    store: &Store,
+    merchant: MerchantId,
+    floor: i64,
+    run_id: &str,
+) -> Result<TopUp> {
+    let reference = format!("loyalty-bench-top-up-{run_id}");
+    let mut done = TopUp {
+        customers: 0,
+        points: 0,
+    };
+    let mut after = 0_i64;
+    loop {
+        let (count, points, last): (i64, i64, Option<i64>) = sqlx::query_as(TOP_UP)
+            .bind(merchant.0)
+            .bind(floor)
+            .bind(after)
+            .bind(&reference)
+            .bind(TOP_UP_BATCH)
+            .fetch_one(store.pool())
+            .await
+            .context("topping up the bench customers")?;
+        done.customers += count as u64;
+        done.points += points;
+        match last {
+            Some(last) if count == TOP_UP_BATCH => after = last,
+            _ => break,
+        }
+    }
+    if done.customers > 0 {
+        for table in ["accounts", "ledger_entries", "point_lots"] {
+            sqlx::raw_sql(AssertSqlSafe(format!("VACUUM (ANALYZE) {table}")))
+                .execute(store.pool())
+                .await
+                .with_context(|| format!("VACUUM {table}"))?;
+        }
+    }
+    Ok(done)
+}
+
 async fn preload_batch(store: &Store, merchant: MerchantId, first: u64, last: u64) -> Result<()> {
     let mut tx = store.pool().begin().await?;
     // A lost preload batch is simply redone; no need to wait for the WAL flush.
@@ -558,6 +645,104 @@ mod tests {
         let refused = bench_merchant(&store, 120, 100).await.err().unwrap();
         let message = format!("{refused:#}");
         assert!(message.contains("Drop the bench database"), "{message}");
+        drop_database(store, options, &name).await;
+    }
+
+    /// The top-up credits as an adjustment does, and the redeem ceiling (pgbench, if it is
+    /// installed) spends as the service does: afterwards every account is still the
+    /// projection of its ledger and its lots hold its available points.
+    #[tokio::test]
+    async fn top_up_and_the_redeem_ceiling_keep_every_invariant() {
+        let Some((store, options, name)) = throwaway("redeem").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 40, 100).await.unwrap();
+        let topped = top_up(&store, merchant.id, 100, "t1").await.unwrap();
+        assert_eq!(
+            topped.customers, 40,
+            "preloaded customers hold fewer than 100"
+        );
+        let below = count(
+            &store,
+            "SELECT count(*) FROM accounts WHERE merchant_id = $1 AND available < 100",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(below, 0);
+        assert_eq!(count(&store, PROJECTION_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        let again = top_up(&store, merchant.id, 100, "t2").await.unwrap();
+        assert_eq!((again.customers, again.points), (0, 0));
+
+        let Ok(pgbench) = crate::pgbench::locate(None) else {
+            eprintln!("skipped the redeem ceiling: pgbench is not installed");
+            drop_database(store, options, &name).await;
+            return;
+        };
+        // pgbench (libpq) takes the test's URL with this database, not sqlx's parameters.
+        let admin_url = std::env::var("LOYALTY_BENCH_TEST_DATABASE_URL").unwrap();
+        let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+        let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        let url = format!("{server}/{name}{query}");
+        let dir = std::env::temp_dir().join(format!("loyalty-bench-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let outcome = crate::pgbench::PgbenchRun {
+            ceiling: crate::pgbench::Ceiling::Redeem,
+            binary: &pgbench,
+            database_url: &url,
+            merchant: merchant.id,
+            customers: 40,
+            concurrency: 4,
+            window: crate::load::Window {
+                warmup: Duration::ZERO,
+                measure: Duration::from_secs(2),
+            },
+            dir: &dir,
+        }
+        .run()
+        .await
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let summary = outcome.recorder.summary(2.0);
+        assert!(summary.ok > 0, "{:?}", summary.error_codes);
+        assert_eq!(summary.errors, 0, "{:?}", summary.error_codes);
+        assert_eq!(count(&store, PROJECTION_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        // Every hold was committed, once, with its RESERVE, RELEASE and REDEEM entries.
+        let (held, committed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'held'),
+                    count(*) FILTER (WHERE status = 'committed')
+               FROM reservations WHERE merchant_id = $1",
+        )
+        .bind(merchant.id.0)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(held, 0);
+        assert!(committed as u64 >= summary.ok);
+        for kind in ["reserve", "release", "redeem"] {
+            let entries: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM ledger_entries WHERE merchant_id = $1 AND kind = $2",
+            )
+            .bind(merchant.id.0)
+            .bind(kind)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            assert_eq!(entries, committed, "{kind} entries");
+        }
+        let redeemed = count(
+            &store,
+            "SELECT COALESCE(sum(lifetime_redeemed), 0)::bigint FROM accounts WHERE merchant_id = $1",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(redeemed, committed * crate::load::REDEEM_POINTS);
         drop_database(store, options, &name).await;
     }
 }
