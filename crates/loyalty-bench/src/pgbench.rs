@@ -22,8 +22,8 @@ use loyalty::AccountState;
 use loyalty::MerchantId;
 use loyalty::points::lifecycle::{Held, Settled, Settlement};
 use loyalty::points::sql::{
-    CHECKOUT_CONTEXT, FIND_RESERVATION, INSERT_ENTRY, INSERT_RESERVATION, LOCK_ACCOUNT,
-    LOCK_ACCOUNT_BY_ID, LOCK_RESERVATION, PROGRAM_VERSION, RECORD_PURCHASE, RESERVATION_ANSWER,
+    CHECKOUT_CONTEXT, INSERT_ENTRY, INSERT_RESERVATION, LOCK_ACCOUNT, LOCK_RESERVATION,
+    LOCK_RESERVATION_ACCOUNT, PROGRAM_VERSION, RECORD_PURCHASE, RESERVATION_ANSWER,
     SETTLE_RESERVATION, TAKE_POINTS, WRITE_ACCOUNT,
 };
 use sha2::{Digest, Sha256};
@@ -209,13 +209,8 @@ const REDEEM_STEPS: &[Step] = &[
     // CommitReservation.
     Step::Line("BEGIN;"),
     Step::Sql {
-        sql: FIND_RESERVATION,
+        sql: LOCK_RESERVATION_ACCOUNT,
         names: &["merchant_id", "reservation_id"],
-        end: " \\gset found_",
-    },
-    Step::Sql {
-        sql: LOCK_ACCOUNT_BY_ID,
-        names: &["merchant_id", "found_customer_id"],
         end: GSET,
     },
     Step::Sql {
@@ -830,8 +825,7 @@ mod tests {
                 INSERT_RESERVATION,
                 "COMMIT;",
                 "BEGIN;",
-                FIND_RESERVATION,
-                LOCK_ACCOUNT_BY_ID,
+                LOCK_RESERVATION_ACCOUNT,
                 LOCK_RESERVATION,
                 INSERT_ENTRY,
                 INSERT_ENTRY,
@@ -895,13 +889,11 @@ mod tests {
                     let columns: Vec<String> = match (*sql, *end) {
                         (_, ";") => Vec::new(),
                         (s, e) if s == PROGRAM_VERSION => gset(prefix(e), &["version"]),
-                        (s, e) if s == LOCK_ACCOUNT || s == LOCK_ACCOUNT_BY_ID => {
+                        (s, e) if s == LOCK_ACCOUNT || s == LOCK_RESERVATION_ACCOUNT => {
                             gset(prefix(e), &locked)
                         }
                         (s, e) if s == TAKE_POINTS => gset(prefix(e), &["taken"]),
-                        (s, e) if s == FIND_RESERVATION || s == LOCK_RESERVATION => {
-                            gset(prefix(e), &reservation)
-                        }
+                        (s, e) if s == LOCK_RESERVATION => gset(prefix(e), &reservation),
                         (s, e) => panic!("unexpected \\gset ({e}) of {s}"),
                     };
                     known.extend(columns);
@@ -909,7 +901,6 @@ mod tests {
             }
         }
         assert!(known.iter().any(|k| k == "held_points"));
-        assert!(known.iter().any(|k| k == "found_customer_id"));
     }
 
     /// The prefix of a `\gset` end.

@@ -63,6 +63,20 @@ pub async fn lock_account_by_id(
         .map_err(db_error)
 }
 
+/// Locks the account of a reservation's customer; `None` if there is no such reservation.
+pub async fn lock_reservation_account(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    reservation_id: &str,
+) -> Result<Option<LockedAccount>, Error> {
+    sqlx::query_as(sql::LOCK_RESERVATION_ACCOUNT)
+        .bind(merchant.0)
+        .bind(reservation_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
+}
+
 /// The customer's lots with points left: spendable ones (`matured`) or pending ones.
 pub async fn open_lots(
     conn: &mut PgConnection,
