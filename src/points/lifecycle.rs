@@ -405,10 +405,7 @@ impl Points {
     ) -> Result<Settled, Error> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        let found = store::find_reservation(&mut tx, merchant, reservation_id)
-            .await?
-            .ok_or(Error::NotFound("reservation"))?;
-        let account = store::lock_account_by_id(&mut tx, merchant, found.customer_id, false)
+        let account = store::lock_reservation_account(&mut tx, merchant, reservation_id)
             .await?
             .ok_or(Error::NotFound("reservation"))?;
         let hold = store::lock_reservation(&mut tx, merchant, reservation_id)

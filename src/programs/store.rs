@@ -82,8 +82,12 @@ pub async fn load(conn: &mut PgConnection, merchant: MerchantId) -> Result<Optio
     row.map(ProgramRow::into_program).transpose()
 }
 
+/// The program's version, to check the cached rules against (`points::sql::PROGRAM_VERSION`
+/// names it for the benchmark's ceiling). `$1` merchant_id.
+pub const VERSION: &str = "SELECT version FROM programs WHERE merchant_id = $1";
+
 pub async fn version(conn: &mut PgConnection, merchant: MerchantId) -> Result<Option<i64>, Error> {
-    sqlx::query_scalar("SELECT version FROM programs WHERE merchant_id = $1")
+    sqlx::query_scalar(VERSION)
         .bind(merchant.0)
         .fetch_optional(conn)
         .await

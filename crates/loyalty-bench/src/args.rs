@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use clap::{Parser, ValueEnum};
 
+use crate::pgbench::Ceiling;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loyalty-bench",
@@ -67,12 +69,13 @@ pub struct Args {
     pub warmup_seconds: u64,
 
     /// Scenarios to run (always in the order health, balance, balance_cold, pgbench, checkout,
-    /// mixed, so that pgbench and checkout meet the same database).
+    /// redeem_pgbench, redeem, mixed, so that each ceiling and its scenario meet the same
+    /// database).
     #[arg(
         long,
         env = "LOYALTY_BENCH_SCENARIOS",
         value_delimiter = ',',
-        default_value = "health,balance,balance_cold,checkout,mixed,pgbench"
+        default_value = "health,balance,balance_cold,checkout,mixed,pgbench,redeem,redeem_pgbench"
     )]
     pub scenarios: Vec<Scenario>,
 
@@ -107,10 +110,15 @@ pub struct Args {
     #[arg(long, env = "LOYALTY_BENCH_SEED", default_value_t = 42)]
     pub seed: u64,
 
-    /// Print the pgbench script of the database ceiling (generated from the service's SQL)
-    /// and exit.
-    #[arg(long)]
-    pub print_pgbench_script: bool,
+    /// Print the pgbench script of a database ceiling (generated from the service's SQL) and
+    /// exit: `checkout` (the default, scenario `pgbench`) or `redeem` (`redeem_pgbench`).
+    #[arg(
+        long,
+        value_name = "CEILING",
+        num_args = 0..=1,
+        default_missing_value = "checkout"
+    )]
+    pub print_pgbench_script: Option<Ceiling>,
 
     /// Customers inserted per preload statement.
     #[arg(
@@ -155,16 +163,25 @@ pub enum Scenario {
     Mixed,
     /// pgbench running the statements of one RecordPurchase: the database ceiling.
     Pgbench,
+    /// ReservePoints then CommitReservation of that hold (one op: both OK), random customers.
+    Redeem,
+    /// pgbench running the statements of one ReservePoints and its CommitReservation: the
+    /// database ceiling of `redeem`.
+    #[value(name = "redeem_pgbench")]
+    RedeemPgbench,
 }
 
 impl Scenario {
-    /// pgbench right before checkout: the two meet the same database (size, bloat, WAL).
-    pub const RUN_ORDER: [Scenario; 6] = [
+    /// Each ceiling right before its scenario (pgbench before checkout, redeem_pgbench before
+    /// redeem): the two meet the same database (size, bloat, WAL).
+    pub const RUN_ORDER: [Scenario; 8] = [
         Scenario::Health,
         Scenario::Balance,
         Scenario::BalanceCold,
         Scenario::Pgbench,
         Scenario::Checkout,
+        Scenario::RedeemPgbench,
+        Scenario::Redeem,
         Scenario::Mixed,
     ];
 
@@ -176,7 +193,23 @@ impl Scenario {
             Scenario::Checkout => "checkout",
             Scenario::Mixed => "mixed",
             Scenario::Pgbench => "pgbench",
+            Scenario::Redeem => "redeem",
+            Scenario::RedeemPgbench => "redeem_pgbench",
         }
+    }
+
+    /// The pgbench ceiling this scenario runs, if it is one.
+    pub fn ceiling(self) -> Option<Ceiling> {
+        match self {
+            Scenario::Pgbench => Some(Ceiling::Checkout),
+            Scenario::RedeemPgbench => Some(Ceiling::Redeem),
+            _ => None,
+        }
+    }
+
+    /// Spends the bench customers' points (they are topped up before).
+    pub fn spends(self) -> bool {
+        matches!(self, Scenario::Redeem | Scenario::RedeemPgbench)
     }
 }
 
@@ -259,8 +292,35 @@ mod tests {
             vec![Scenario::BalanceCold, Scenario::Checkout]
         );
         assert_eq!(args.open_rate, OpenRate::Fixed(1500.0));
+        let redeem =
+            Args::try_parse_from(["loyalty-bench", "--scenarios", "redeem,redeem_pgbench"])
+                .unwrap();
+        assert_eq!(
+            redeem.scenarios_in_order(),
+            vec![Scenario::RedeemPgbench, Scenario::Redeem],
+            "the ceiling runs right before its scenario"
+        );
         assert!(Args::try_parse_from(["loyalty-bench", "--open-rate", "-3"]).is_err());
         assert!(Args::try_parse_from(["loyalty-bench", "--customers", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_script_to_print_is_chosen() {
+        let parse = |argv: &[&str]| Args::try_parse_from(argv).unwrap().print_pgbench_script;
+        assert_eq!(parse(&["loyalty-bench"]), None);
+        assert_eq!(
+            parse(&["loyalty-bench", "--print-pgbench-script"]),
+            Some(Ceiling::Checkout)
+        );
+        assert_eq!(
+            parse(&["loyalty-bench", "--print-pgbench-script", "redeem"]),
+            Some(Ceiling::Redeem)
+        );
+        assert_eq!(
+            parse(&["loyalty-bench", "--print-pgbench-script=checkout"]),
+            Some(Ceiling::Checkout)
+        );
+        assert!(Args::try_parse_from(["loyalty-bench", "--print-pgbench-script", "x"]).is_err());
     }
 
     #[test]

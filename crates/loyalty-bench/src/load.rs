@@ -37,16 +37,23 @@ const DISPATCH_QUANTUM: Duration = Duration::from_micros(100);
 /// Client-side limit per request; a slower answer counts as DEADLINE_EXCEEDED.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Points each `redeem` op holds and commits (and the redeem ceiling's script spends): one
+/// point, so that the bench's customers, topped up before the redeem scenarios
+/// (`setup::top_up`), never run dry.
+pub const REDEEM_POINTS: i64 = 1;
+
 /// One kind of request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Health,
     Balance,
     Checkout,
-    // Redeem slots in here (and in `MIXED`) once the RPC exists.
+    /// ReservePoints, then CommitReservation of that hold: one op, OK only if both are.
+    Redeem,
 }
 
-/// 80 % reads, 20 % purchases: an app-heavy day.
+/// 80 % reads, 20 % purchases: an app-heavy day (`mixed` stays as it was measured before
+/// redeeming existed, so its figures stay comparable).
 pub const MIXED: &[(Op, u32)] = &[(Op::Balance, 80), (Op::Checkout, 20)];
 
 /// The ops of a scenario and their weights.
@@ -70,7 +77,8 @@ impl Workload {
             Scenario::Balance | Scenario::BalanceCold => Some(Workload::new(&[(Op::Balance, 1)])),
             Scenario::Checkout => Some(Workload::new(&[(Op::Checkout, 1)])),
             Scenario::Mixed => Some(Workload::new(MIXED)),
-            Scenario::Pgbench => None,
+            Scenario::Redeem => Some(Workload::new(&[(Op::Redeem, 1)])),
+            Scenario::Pgbench | Scenario::RedeemPgbench => None,
         }
     }
 
@@ -87,7 +95,7 @@ impl Workload {
     }
 }
 
-/// Purchase ids unique per run: `<run tag>-<loop>-<n>`.
+/// Purchase (and reservation) ids unique per run: `<run tag>-<loop>-<n>`.
 pub struct PurchaseIds {
     prefix: String,
     next: u64,
@@ -109,6 +117,7 @@ enum Prepared {
     Health,
     Balance(pb::GetBalanceRequest),
     Checkout(pb::RecordPurchaseRequest),
+    Redeem(pb::ReservePointsRequest),
 }
 
 /// A server under load: its connections and the keys the requests carry.
@@ -174,6 +183,17 @@ impl Target {
                     lines,
                 })
             }
+            Op::Redeem => {
+                // A fresh reservation id, for the receipt being paid (as a till names it).
+                let reservation_id = ids.next_id();
+                Prepared::Redeem(pb::ReservePointsRequest {
+                    external_id: rng.random_range(1..=self.customers).to_string(),
+                    purchase_id: format!("{reservation_id}-receipt"),
+                    reservation_id,
+                    points: REDEEM_POINTS,
+                    ttl_seconds: 0,
+                })
+            }
         }
     }
 
@@ -205,6 +225,22 @@ impl Target {
                 .await
                 .map(drop)
                 .map_err(status_name),
+            Prepared::Redeem(message) => {
+                let mut client = CheckoutServiceClient::new(channel);
+                let reservation_id = message.reservation_id.clone();
+                client
+                    .reserve_points(authorized(message, &self.pos_auth))
+                    .await
+                    .map_err(status_name)?;
+                client
+                    .commit_reservation(authorized(
+                        pb::CommitReservationRequest { reservation_id },
+                        &self.pos_auth,
+                    ))
+                    .await
+                    .map(drop)
+                    .map_err(status_name)
+            }
         }
     }
 }

@@ -3,8 +3,9 @@
 //! It preloads a bench merchant per scale into a bench database, starts `loyalty serve` child
 //! processes (one with the Redis cache, one without), drives them with tonic clients in a
 //! closed loop and at a fixed arrival rate (open loop, latency from the intended send time),
-//! runs pgbench with the very SQL of one RecordPurchase as the database ceiling, and prints a
-//! table, JSON lines (`--json`) and a verdict on the performance targets.
+//! runs pgbench with the very SQL of one RecordPurchase (`pgbench`) and of one ReservePoints
+//! with its CommitReservation (`redeem_pgbench`) as the database ceilings, and prints a table,
+//! JSON lines (`--json`) and a verdict on the performance targets.
 //!
 //! ```sh
 //! cargo build --release --bins

@@ -1,24 +1,70 @@
-//! The database ceiling: pgbench running exactly the statements one RecordPurchase of a known
-//! customer executes (`CHECKOUT_CONTEXT`, then `RECORD_PURCHASE`, each in autocommit as the
-//! service runs them), at the same concurrency, against the same database and merchant.
+//! The database ceilings: pgbench running exactly the statements the service executes, at the
+//! same concurrency, against the same database and merchant:
 //!
-//! The script is generated at run time from the very constants the service executes
-//! (`loyalty::points::sql`, i.e. `src/points/sql/*.sql`), so it cannot drift from them: only
-//! comment lines are dropped and `$n` placeholders become pgbench variables. A unit test below
-//! holds that promise.
+//! - `pgbench` (checkout): one RecordPurchase of a known customer (`CHECKOUT_CONTEXT`, then
+//!   `RECORD_PURCHASE`, each in autocommit as the service runs them);
+//! - `redeem_pgbench`: one ReservePoints and the CommitReservation of that hold, each in its
+//!   transaction (BEGIN ... COMMIT) with the statements the service runs in it, in its order.
+//!
+//! The scripts are generated at run time from the very constants the service executes
+//! (`loyalty::points::sql`, i.e. `src/points/sql/*.sql`), so they cannot drift from them: only
+//! comment lines are dropped and `$n` placeholders become pgbench variables. Unit tests below
+//! hold that promise. What the service computes in Rust between two statements (the next
+//! ledger seq, the debit's sign, its refusal of a spend the account cannot pay) the redeem
+//! script computes with pgbench meta-commands.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
+use loyalty::AccountState;
 use loyalty::MerchantId;
-use loyalty::points::sql::{CHECKOUT_CONTEXT, RECORD_PURCHASE};
+use loyalty::points::lifecycle::{Held, Settled, Settlement};
+use loyalty::points::sql::{
+    CHECKOUT_CONTEXT, INSERT_ENTRY, INSERT_RESERVATION, LOCK_ACCOUNT, LOCK_RESERVATION,
+    LOCK_RESERVATION_ACCOUNT, PROGRAM_VERSION, RECORD_PURCHASE, RESERVATION_ANSWER,
+    SETTLE_RESERVATION, TAKE_POINTS, WRITE_ACCOUNT,
+};
 use sha2::{Digest, Sha256};
 
-use crate::load::Window;
+use crate::load::{REDEEM_POINTS, Window};
 use crate::setup::CURRENCY;
 use crate::stats::Recorder;
+
+/// The two database ceilings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ceiling {
+    /// One RecordPurchase (`src/points/sql/checkout.pgbench`).
+    Checkout,
+    /// One ReservePoints and its CommitReservation (`src/points/sql/redeem.pgbench`).
+    Redeem,
+}
+
+impl Ceiling {
+    pub fn script(self) -> Result<String> {
+        match self {
+            Ceiling::Checkout => script(),
+            Ceiling::Redeem => redeem_script(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Ceiling::Checkout => "pgbench",
+            Ceiling::Redeem => "redeem_pgbench",
+        }
+    }
+
+    fn defines(self, merchant: MerchantId, customers: u64, run: Duration) -> Result<Defines> {
+        match self {
+            Ceiling::Checkout => Ok(defines(merchant, customers)),
+            Ceiling::Redeem => redeem_defines(merchant, customers, run),
+        }
+    }
+}
+
+type Defines = Vec<(&'static str, String)>;
 
 /// The pgbench variable of each `$n` of `CHECKOUT_CONTEXT`.
 const CONTEXT_PARAMS: [&str; 2] = ["merchant_id", "external_id"];
@@ -60,6 +106,194 @@ pub fn script() -> Result<String> {
          {context} \\gset\n\
          {record};\n"
     ))
+}
+
+/// One line (or statement) of the redeem script.
+enum Step {
+    /// A statement of the service, with the pgbench variable of each `$n`, ended by `end`
+    /// (`;`, or `\gset [prefix]` to keep its one row's columns as variables). No two `$n` of
+    /// a statement share a variable.
+    Sql {
+        sql: &'static str,
+        names: &'static [&'static str],
+        end: &'static str,
+    },
+    /// A line of the script itself: transaction control or a meta-command.
+    Line(&'static str),
+}
+
+/// What `\gset` a statement's row into variables: the columns are the variables' names (with
+/// the prefix).
+const GSET: &str = " \\gset";
+
+/// The steps of one ReservePoints and its CommitReservation, as `Points::reserve_attached` /
+/// `spend` / `debit` / `write` and `Points::settle` / `settle_held` run them.
+const REDEEM_STEPS: &[Step] = &[
+    Step::Line("\\set external_id random(1, :customers)"),
+    Step::Line("\\set reservation_id random(1, 9223372036854775806)"),
+    Step::Line("\\set purchase_id random(1, 9223372036854775806)"),
+    // ReservePoints.
+    Step::Line("BEGIN;"),
+    Step::Sql {
+        sql: PROGRAM_VERSION,
+        names: &["merchant_id"],
+        end: " \\gset program_",
+    },
+    Step::Sql {
+        sql: LOCK_ACCOUNT,
+        names: &["merchant_id", "external_id"],
+        end: GSET,
+    },
+    // A new reservation id: no row (a replay would answer from it).
+    Step::Sql {
+        sql: RESERVATION_ANSWER,
+        names: &["merchant_id", "reservation_id"],
+        end: ";",
+    },
+    // The service refuses (and rolls back) a spend the account cannot pay; the bench tops its
+    // customers up so that this never happens, and a client that meets it stops, counted as
+    // CLIENT_ABORTED, instead of writing what the service would not.
+    Step::Line("\\if :available < :points"),
+    Step::Line("\\set refused 1 / 0"),
+    Step::Line("\\endif"),
+    Step::Line("\\set hold_seq :version + 1"),
+    Step::Line("\\set debit -1 * :points"),
+    Step::Sql {
+        sql: TAKE_POINTS,
+        names: &[
+            "merchant_id",
+            "customer_id",
+            "debit",
+            "hold_seq",
+            "reserve_kind",
+            "reservation_id",
+            "occurred_at",
+        ],
+        end: GSET,
+    },
+    // The lots must give every point (`all_taken`), else the service rolls back.
+    Step::Line("\\if :taken != :points"),
+    Step::Line("\\set refused 1 / 0"),
+    Step::Line("\\endif"),
+    Step::Sql {
+        sql: WRITE_ACCOUNT,
+        names: &[
+            "merchant_id",
+            "customer_id",
+            "debit",
+            "no_pending",
+            "no_earned",
+            "no_redeemed",
+            "one_version",
+            "is_debit",
+        ],
+        end: ";",
+    },
+    Step::Sql {
+        sql: INSERT_RESERVATION,
+        names: &[
+            "merchant_id",
+            "reservation_id",
+            "customer_id",
+            "points",
+            "discount_minor",
+            "purchase_id",
+            "request_hash",
+            "expires_at",
+            "hold_seq",
+            "held_answer",
+        ],
+        end: ";",
+    },
+    Step::Line("COMMIT;"),
+    // CommitReservation.
+    Step::Line("BEGIN;"),
+    Step::Sql {
+        sql: LOCK_RESERVATION_ACCOUNT,
+        names: &["merchant_id", "reservation_id"],
+        end: GSET,
+    },
+    Step::Sql {
+        sql: LOCK_RESERVATION,
+        names: &["merchant_id", "reservation_id"],
+        end: " \\gset held_",
+    },
+    Step::Line("\\set release_seq :version + 1"),
+    Step::Line("\\set redeem_seq :version + 2"),
+    Step::Line("\\set redeemed -1 * :held_points"),
+    Step::Sql {
+        sql: INSERT_ENTRY,
+        names: &[
+            "merchant_id",
+            "customer_id",
+            "release_seq",
+            "release_kind",
+            "held_points",
+            "reservation_id",
+            "occurred_at",
+        ],
+        end: ";",
+    },
+    Step::Sql {
+        sql: INSERT_ENTRY,
+        names: &[
+            "merchant_id",
+            "customer_id",
+            "redeem_seq",
+            "redeem_kind",
+            "redeemed",
+            "reservation_id",
+            "occurred_at",
+        ],
+        end: ";",
+    },
+    Step::Sql {
+        sql: WRITE_ACCOUNT,
+        names: &[
+            "merchant_id",
+            "customer_id",
+            "no_available",
+            "no_pending",
+            "no_earned",
+            "held_points",
+            "two_versions",
+            "is_not_debit",
+        ],
+        end: ";",
+    },
+    Step::Sql {
+        sql: SETTLE_RESERVATION,
+        names: &[
+            "merchant_id",
+            "reservation_id",
+            "committed",
+            "settled_answer",
+            "occurred_at",
+        ],
+        end: ";",
+    },
+    Step::Line("COMMIT;"),
+];
+
+/// The pgbench script of one ReservePoints and its CommitReservation.
+pub fn redeem_script() -> Result<String> {
+    let mut out = String::from(
+        "-- Generated by loyalty-bench from loyalty::points::sql (src/points/sql/*.sql): one\n\
+         -- ReservePoints of a known customer and the CommitReservation of that hold, each in its\n\
+         -- transaction, with the statements the service runs in it, in its order. Run it with\n\
+         -- -M prepared (or extended), as loyalty-bench does: variables must be parameters.\n",
+    );
+    for step in REDEEM_STEPS {
+        match step {
+            Step::Line(line) => out.push_str(line),
+            Step::Sql { sql, names, end } => {
+                out.push_str(&substitute(&strip_comments(sql), names)?);
+                out.push_str(end);
+            }
+        }
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// The statement without its `--` comment lines and blank lines; other lines stay verbatim.
@@ -132,6 +366,79 @@ fn defines(merchant: MerchantId, customers: u64) -> Vec<(&'static str, String)> 
     ]
 }
 
+/// The values of the redeem script: a hold of `REDEEM_POINTS` as the gRPC scenario makes it,
+/// with stored answers the size of the service's (built from its own answer types).
+fn redeem_defines(merchant: MerchantId, customers: u64, run: Duration) -> Result<Defines> {
+    let hash: String = Sha256::digest(b"loyalty-bench/redeem_pgbench")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let now = chrono::Utc::now();
+    // Held for the default ttl (15 minutes) after the run's end: the sweep of the server
+    // running meanwhile must never release a hold between its two transactions.
+    let expires_at = now
+        + chrono::Duration::from_std(run).context("run too long")?
+        + chrono::Duration::minutes(15);
+    let discount_minor = discount_minor(REDEEM_POINTS)?;
+    // A typical bench account (its figures only size the JSON).
+    let account = AccountState {
+        available: 480,
+        pending: 0,
+        lifetime_earned: 520,
+        lifetime_redeemed: 40,
+        purchase_count: 4,
+        version: 60,
+        next_expiry: None,
+    };
+    let held = Held {
+        points: REDEEM_POINTS,
+        discount_minor,
+        expires_at,
+        account,
+    };
+    let settled = Settled {
+        status: Settlement::Committed,
+        points: REDEEM_POINTS,
+        discount_minor,
+        account,
+    };
+    let stamp =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    Ok(vec![
+        ("merchant_id", merchant.0.to_string()),
+        ("customers", customers.to_string()),
+        ("points", REDEEM_POINTS.to_string()),
+        ("discount_minor", discount_minor.to_string()),
+        ("request_hash", format!("\\x{hash}")),
+        ("occurred_at", stamp(now)),
+        ("expires_at", stamp(expires_at)),
+        ("held_answer", serde_json::to_string(&held)?),
+        ("settled_answer", serde_json::to_string(&settled)?),
+        // The ledger entry kinds and the settled status, as the service writes them.
+        ("reserve_kind", "reserve".into()),
+        ("release_kind", "release".into()),
+        ("redeem_kind", "redeem".into()),
+        ("committed", "committed".into()),
+        // The account changes of a hold and of its commit (`AccountChange`); every `$n` of a
+        // statement has a name of its own, so that the tests can map the script back.
+        ("no_available", "0".into()),
+        ("no_pending", "0".into()),
+        ("no_earned", "0".into()),
+        ("no_redeemed", "0".into()),
+        ("one_version", "1".into()),
+        ("two_versions", "2".into()),
+        ("is_debit", "true".into()),
+        ("is_not_debit", "false".into()),
+    ])
+}
+
+/// What `points` buy under the bench's (default) program.
+pub fn discount_minor(points: i64) -> Result<i64> {
+    let currency = loyalty::platform::money::Currency::parse("currency", CURRENCY)
+        .map_err(|v| anyhow!("{CURRENCY}: {v:?}"))?;
+    Ok(loyalty::programs::lifecycle::RedemptionRule::default().discount_minor(points, currency))
+}
+
 /// pgbench: `explicit`, else on PATH, else the newest /usr/lib/postgresql/*/bin/pgbench.
 pub fn locate(explicit: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(path) = explicit {
@@ -168,6 +475,7 @@ pub fn locate(explicit: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub struct PgbenchRun<'a> {
+    pub ceiling: Ceiling,
     pub binary: &'a Path,
     pub database_url: &'a str,
     pub merchant: MerchantId,
@@ -191,9 +499,9 @@ impl PgbenchRun<'_> {
     /// Runs pgbench for warm-up + measured seconds; only transactions that completed in the
     /// measured window count, as for the gRPC scenarios.
     pub async fn run(&self) -> Result<PgbenchOutcome> {
-        let tag = format!("pgbench-{}", self.customers);
+        let tag = format!("{}-{}", self.ceiling.name(), self.customers);
         let script_path = self.dir.join(format!("{tag}.sql"));
-        std::fs::write(&script_path, script()?)
+        std::fs::write(&script_path, self.ceiling.script()?)
             .with_context(|| format!("cannot write {}", script_path.display()))?;
         let log_prefix = self.dir.join(format!("{tag}-log"));
         let total = self.window.warmup + self.window.measure;
@@ -208,7 +516,7 @@ impl PgbenchRun<'_> {
             .arg("--log")
             .arg("--log-prefix")
             .arg(&log_prefix);
-        for (name, value) in defines(self.merchant, self.customers) {
+        for (name, value) in self.ceiling.defines(self.merchant, self.customers, total)? {
             command.arg("-D").arg(format!("{name}={value}"));
         }
         command.arg(self.database_url).kill_on_drop(true);
@@ -376,7 +684,7 @@ mod tests {
         );
     }
 
-    /// The SQL statements of the script, in order (meta-commands and comments dropped).
+    /// The SQL statements of a script, in order (meta-commands and comments dropped).
     fn statements(script: &str) -> Vec<String> {
         let mut statements = Vec::new();
         let mut current = Vec::new();
@@ -385,7 +693,8 @@ mod tests {
             if trimmed.starts_with('\\') || trimmed.starts_with("--") {
                 continue;
             }
-            if let Some(sql) = line.strip_suffix(" \\gset").or(line.strip_suffix(';')) {
+            let gset = line.find(" \\gset").map(|at| &line[..at]);
+            if let Some(sql) = gset.or(line.strip_suffix(';')) {
                 current.push(sql.to_string());
                 statements.push(current.join("\n"));
                 current.clear();
@@ -449,6 +758,189 @@ mod tests {
         // The context query hands customer_id to the purchase, as the service does.
         assert!(statements[0].contains("AS customer_id"));
         assert!(statements[1].contains(":customer_id"));
+    }
+
+    /// Kept beside the SQL too: regenerate it with
+    /// `loyalty-bench --print-pgbench-script redeem > src/points/sql/redeem.pgbench`.
+    #[test]
+    fn the_committed_redeem_script_is_the_generated_one() {
+        let committed = include_str!("../../../src/points/sql/redeem.pgbench");
+        assert_eq!(
+            redeem_script().unwrap(),
+            committed,
+            "regenerate src/points/sql/redeem.pgbench"
+        );
+    }
+
+    /// The redeem script's SQL statements as `statements` finds them: transaction control and
+    /// the service's statements, in order.
+    #[test]
+    fn the_redeem_script_runs_the_services_statements_verbatim_in_their_transactions() {
+        let script = redeem_script().unwrap();
+        let found = statements(&script);
+        let mut expected = Vec::new();
+        for step in REDEEM_STEPS {
+            match step {
+                Step::Line(line) if !line.starts_with('\\') => {
+                    expected.push((line.trim_end_matches(';').to_string(), None));
+                }
+                Step::Line(_) => {}
+                Step::Sql { sql, names, .. } => {
+                    expected.push((strip_comments(sql), Some(*names)));
+                }
+            }
+        }
+        assert_eq!(found.len(), expected.len(), "{script}");
+        for (statement, (sql, names)) in found.iter().zip(&expected) {
+            if let Some(names) = names {
+                let mut unique = names.to_vec();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), names.len(), "{names:?}");
+            }
+            match names {
+                Some(names) => assert_eq!(&unsubstitute(statement, names), sql),
+                None => assert_eq!(statement, sql),
+            }
+        }
+        // The service's statements, in the order ReservePoints and CommitReservation run
+        // them, each transaction opened and committed as `Store::begin` / `commit` do.
+        let order: Vec<&str> = REDEEM_STEPS
+            .iter()
+            .filter_map(|step| match step {
+                Step::Sql { sql, .. } => Some(*sql),
+                Step::Line(line) if !line.starts_with('\\') => Some(*line),
+                Step::Line(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "BEGIN;",
+                PROGRAM_VERSION,
+                LOCK_ACCOUNT,
+                RESERVATION_ANSWER,
+                TAKE_POINTS,
+                WRITE_ACCOUNT,
+                INSERT_RESERVATION,
+                "COMMIT;",
+                "BEGIN;",
+                LOCK_RESERVATION_ACCOUNT,
+                LOCK_RESERVATION,
+                INSERT_ENTRY,
+                INSERT_ENTRY,
+                WRITE_ACCOUNT,
+                SETTLE_RESERVATION,
+                "COMMIT;",
+            ]
+        );
+        for sql in order {
+            let mut lines = sql.lines();
+            for kept in strip_comments(sql).lines() {
+                assert!(
+                    lines.any(|l| l == kept),
+                    "{kept:?} is not a line of the statement"
+                );
+            }
+        }
+        assert!(!script.contains('$'), "a placeholder survived: {script}");
+    }
+
+    /// Every variable a statement of the redeem script names is defined (`-D`), set by a
+    /// meta-command, or a column of an earlier `\gset`.
+    #[test]
+    fn every_variable_of_the_redeem_script_is_set_before_use() {
+        let mut known: Vec<String> = redeem_defines(MerchantId(1), 10, Duration::from_secs(12))
+            .unwrap()
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let gset = |prefix: &str, columns: &[&str]| -> Vec<String> {
+            columns.iter().map(|c| format!("{prefix}{c}")).collect()
+        };
+        let reservation = [
+            "customer_id",
+            "external_id",
+            "points",
+            "discount_minor",
+            "expires_at",
+            "status",
+            "hold_seq",
+            "settled_answer",
+        ];
+        let locked = ["customer_id", "available", "version", "last_purchase_at"];
+        for step in REDEEM_STEPS {
+            match step {
+                Step::Line(line) => {
+                    for used in variables(line) {
+                        assert!(
+                            known.contains(&used),
+                            "{used} used before it is set: {line}"
+                        );
+                    }
+                    if let Some(rest) = line.strip_prefix("\\set ") {
+                        known.push(rest.split_whitespace().next().unwrap().to_string());
+                    }
+                }
+                Step::Sql { sql, names, end } => {
+                    for name in *names {
+                        assert!(known.iter().any(|k| k == name), "{name} is never set");
+                    }
+                    let columns: Vec<String> = match (*sql, *end) {
+                        (_, ";") => Vec::new(),
+                        (s, e) if s == PROGRAM_VERSION => gset(prefix(e), &["version"]),
+                        (s, e) if s == LOCK_ACCOUNT || s == LOCK_RESERVATION_ACCOUNT => {
+                            gset(prefix(e), &locked)
+                        }
+                        (s, e) if s == TAKE_POINTS => gset(prefix(e), &["taken"]),
+                        (s, e) if s == LOCK_RESERVATION => gset(prefix(e), &reservation),
+                        (s, e) => panic!("unexpected \\gset ({e}) of {s}"),
+                    };
+                    known.extend(columns);
+                }
+            }
+        }
+        assert!(known.iter().any(|k| k == "held_points"));
+    }
+
+    /// The prefix of a `\gset` end.
+    fn prefix(end: &str) -> &str {
+        end.trim().strip_prefix("\\gset").unwrap_or_default().trim()
+    }
+
+    /// `:name`s of a meta-command line.
+    fn variables(line: &str) -> Vec<String> {
+        line.split(':')
+            .skip(1)
+            .map(|rest| {
+                rest.chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_redeem_script_spends_what_the_grpc_scenario_spends() {
+        let defines = redeem_defines(MerchantId(7), 10, Duration::from_secs(12)).unwrap();
+        let value = |name: &str| {
+            defines
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("{name} not defined"))
+        };
+        assert_eq!(value("points"), REDEEM_POINTS.to_string());
+        // 1 point at 100 points per euro: one cent, as the service computes it.
+        assert_eq!(value("discount_minor"), "1");
+        assert_eq!(value("merchant_id"), "7");
+        let held: Held = serde_json::from_str(&value("held_answer")).unwrap();
+        assert_eq!(held.points, REDEEM_POINTS);
+        let settled: Settled = serde_json::from_str(&value("settled_answer")).unwrap();
+        assert_eq!(settled.status, Settlement::Committed);
+        // The hold outlives the run by the default ttl: the sweep never releases it midway.
+        let expires_at = chrono::DateTime::parse_from_rfc3339(&value("expires_at")).unwrap();
+        assert!(expires_at > chrono::Utc::now() + chrono::Duration::minutes(15));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::stats::{Summary, ratio, round3};
 pub const BALANCE_VS_HEALTH: f64 = 0.6;
 pub const CHECKOUT_VS_PGBENCH: f64 = 0.8;
 pub const CHECKOUT_P99_VS_PGBENCH: f64 = 2.0;
+/// Redeeming (a hold and its commit) against its own ceiling, as checkout against its.
+pub const REDEEM_VS_PGBENCH: f64 = 0.8;
+pub const REDEEM_P99_VS_PGBENCH: f64 = 2.0;
 pub const BIG_VS_SMALL: f64 = 0.8;
 pub const MAX_RSS_MB: f64 = 150.0;
 /// The concurrency the targets are defined at.
@@ -143,7 +146,7 @@ impl Row {
     /// One line for the progress log.
     pub fn progress(&self) -> String {
         format!(
-            "  {:<12} {:<6} {:>10.1} rps  p50 {} ms  p99 {} ms  p99.9 {} ms  errors {}{}  \
+            "  {:<14} {:<6} {:>10.1} rps  p50 {} ms  p99 {} ms  p99.9 {} ms  errors {}{}  \
              cpu: server {}% client {}% machine {}%{}",
             self.scenario,
             self.mode.name(),
@@ -174,19 +177,26 @@ fn closed<'a>(rows: &'a [Row], scenario: &str) -> Option<&'a Row> {
 }
 
 /// Fills the ceiling comparisons of one scale's rows (closed loop only: an open loop's rate is
-/// chosen, not achieved): balance (and balance_cold) against health, checkout against pgbench.
+/// chosen, not achieved): balance (and balance_cold) against health, checkout against pgbench,
+/// redeem against redeem_pgbench.
 pub fn compare_with_ceilings(rows: &mut [Row]) {
     let health = closed(rows, "health").map(|r| r.rps);
-    let pgbench = closed(rows, "pgbench").map(|r| (r.rps, r.p99_ms));
+    let pgbench = |name: &str| closed(rows, name).map(|r| (r.rps, r.p99_ms));
+    let (checkout_ceiling, redeem_ceiling) = (pgbench("pgbench"), pgbench("redeem_pgbench"));
     for row in rows.iter_mut().filter(|r| r.mode == Mode::Closed) {
-        match (row.scenario, health, pgbench) {
+        let database = match row.scenario {
+            "checkout" => checkout_ceiling.map(|c| ("pgbench", c)),
+            "redeem" => redeem_ceiling.map(|c| ("redeem_pgbench", c)),
+            _ => None,
+        };
+        match (row.scenario, health, database) {
             ("balance" | "balance_cold", Some(health), _) => {
                 row.ceiling = Some("health");
                 row.ceiling_rps = Some(health);
                 row.ratio = ratio(Some(row.rps), Some(health)).map(round3);
             }
-            ("checkout", _, Some((rps, p99))) => {
-                row.ceiling = Some("pgbench");
+            (_, _, Some((name, (rps, p99)))) => {
+                row.ceiling = Some(name);
                 row.ceiling_rps = Some(rps);
                 row.ratio = ratio(Some(row.rps), Some(rps)).map(round3);
                 row.ceiling_p99_ms = p99;
@@ -285,24 +295,39 @@ pub fn verdict(rows: &[Row], scales: &[ScaleRow], concurrency: u32) -> Vec<Check
                 balance.ratio.map(|r| r >= BALANCE_VS_HEALTH),
             ));
         }
-        if let Some(checkout) = closed(&of_scale, "checkout") {
+        let against_database = [
+            (
+                "checkout",
+                "pgbench",
+                CHECKOUT_VS_PGBENCH,
+                CHECKOUT_P99_VS_PGBENCH,
+            ),
+            (
+                "redeem",
+                "redeem_pgbench",
+                REDEEM_VS_PGBENCH,
+                REDEEM_P99_VS_PGBENCH,
+            ),
+        ];
+        for (scenario, ceiling, min_ratio, max_p99) in against_database {
+            let Some(row) = closed(&of_scale, scenario) else {
+                continue;
+            };
             checks.push(check(
-                format!("checkout >= {CHECKOUT_VS_PGBENCH} x pgbench rps @ {n} customers{at}"),
-                match (checkout.ratio, checkout.ceiling_rps) {
-                    (Some(r), Some(p)) => format!("{r:.3} ({:.0} / {p:.0} rps)", checkout.rps),
-                    _ => "pgbench not measured".into(),
+                format!("{scenario} >= {min_ratio} x {ceiling} rps @ {n} customers{at}"),
+                match (row.ratio, row.ceiling_rps) {
+                    (Some(r), Some(p)) => format!("{r:.3} ({:.0} / {p:.0} rps)", row.rps),
+                    _ => format!("{ceiling} not measured"),
                 },
-                checkout.ratio.map(|r| r >= CHECKOUT_VS_PGBENCH),
+                row.ratio.map(|r| r >= min_ratio),
             ));
             checks.push(check(
-                format!(
-                    "checkout p99 <= {CHECKOUT_P99_VS_PGBENCH} x pgbench p99 @ {n} customers{at}"
-                ),
-                match (checkout.p99_ratio, checkout.p99_ms, checkout.ceiling_p99_ms) {
+                format!("{scenario} p99 <= {max_p99} x {ceiling} p99 @ {n} customers{at}"),
+                match (row.p99_ratio, row.p99_ms, row.ceiling_p99_ms) {
                     (Some(r), Some(c), Some(p)) => format!("{r:.3} ({c:.3} / {p:.3} ms)"),
-                    _ => "pgbench not measured".into(),
+                    _ => format!("{ceiling} not measured"),
                 },
-                checkout.p99_ratio.map(|r| r <= CHECKOUT_P99_VS_PGBENCH),
+                row.p99_ratio.map(|r| r <= max_p99),
             ));
         }
     }
@@ -359,7 +384,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<12} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<8} {:>6} {:>6}",
+        "{:<14} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<14} {:>6} {:>6}",
         "scenario",
         "mode",
         "customers",
@@ -389,7 +414,7 @@ pub fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10.1} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<8} {:>6} {:>6}",
+            "{:<14} {:<16} {:>9} {:>5} {:>5} {:>9} {:>7} {:>10.1} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>5} {:<14} {:>6} {:>6}",
             row.scenario,
             mode,
             row.customers,
@@ -433,7 +458,7 @@ pub fn scale_table(scales: &[ScaleRow]) -> String {
     for s in scales {
         let _ = writeln!(
             out,
-            "{:<12} @ {} vs @ {}: {:.1} / {:.1} rps = {}   p99 {} / {} ms",
+            "{:<14} @ {} vs @ {}: {:.1} / {:.1} rps = {}   p99 {} / {} ms",
             s.scenario,
             s.customers,
             s.baseline_customers,
@@ -564,6 +589,15 @@ mod tests {
             row(Scenario::Pgbench, Mode::Closed, customers, 2_000.0, 20.0),
             row(Scenario::Checkout, Mode::Closed, customers, checkout, 50.0)
                 .with_rss(Some(40 * 1024 * 1024)),
+            row(
+                Scenario::RedeemPgbench,
+                Mode::Closed,
+                customers,
+                1_000.0,
+                30.0,
+            ),
+            row(Scenario::Redeem, Mode::Closed, customers, 750.0, 45.0),
+            row(Scenario::Redeem, Mode::Open, customers, 525.0, 20.0).with_target_rps(525.0),
         ];
         compare_with_ceilings(&mut rows);
         rows
@@ -584,6 +618,16 @@ mod tests {
         assert_eq!(checkout.p99_ratio, Some(2.5));
         assert_eq!(checkout.ceiling_p99_ms, Some(20.0));
         assert_eq!(closed(&rows, "health").unwrap().ratio, None);
+        // Redeeming is compared with its own ceiling, not checkout's.
+        let redeem = closed(&rows, "redeem").unwrap();
+        assert_eq!(
+            (redeem.ceiling, redeem.ceiling_rps, redeem.ratio),
+            (Some("redeem_pgbench"), Some(1_000.0), Some(0.75))
+        );
+        assert_eq!(redeem.p99_ratio, Some(1.5));
+        let open = rows.iter().find(|r| r.is("redeem", Mode::Open)).unwrap();
+        assert_eq!(open.ratio, None);
+        assert_eq!(closed(&rows, "redeem_pgbench").unwrap().ratio, None);
     }
 
     #[test]
@@ -604,6 +648,14 @@ mod tests {
         assert_eq!(find("balance >= 0.6 x health rps @ 10000"), Some(true));
         assert_eq!(find("checkout >= 0.8 x pgbench rps @ 10000"), Some(true));
         assert_eq!(find("checkout p99 <= 2 x pgbench p99 @ 10000"), Some(false));
+        assert_eq!(
+            find("redeem >= 0.8 x redeem_pgbench rps @ 10000"),
+            Some(false)
+        );
+        assert_eq!(
+            find("redeem p99 <= 2 x redeem_pgbench p99 @ 10000"),
+            Some(true)
+        );
         assert_eq!(find("balance @ 1000000 >= 0.8"), Some(false));
         assert_eq!(find("checkout @ 1000000 >= 0.8"), Some(true));
         assert_eq!(find("server RSS"), Some(true));

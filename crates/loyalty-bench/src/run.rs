@@ -37,19 +37,19 @@ struct Bench {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    if args.print_pgbench_script {
-        print!("{}", pgbench::script()?);
+    if let Some(ceiling) = args.print_pgbench_script {
+        print!("{}", ceiling.script()?);
         return Ok(());
     }
     let out = Output { json: args.json };
     let scenarios = args.scenarios_in_order();
-    let grpc = scenarios.iter().any(|s| *s != Scenario::Pgbench);
+    let grpc = scenarios.iter().any(|s| s.ceiling().is_none());
     let server_bin = if grpc {
         Some(servers::locate_server(args.server_bin.clone())?)
     } else {
         None
     };
-    let pgbench_bin = if scenarios.contains(&Scenario::Pgbench) {
+    let pgbench_bin = if scenarios.iter().any(|s| s.ceiling().is_some()) {
         Some(pgbench::locate(args.pgbench.clone())?)
     } else {
         None
@@ -154,6 +154,19 @@ pub async fn run(args: Args) -> Result<()> {
     }
 }
 
+/// Most redeem ops (pairs) per second that this bench could drive on any machine it runs on,
+/// for sizing the top-up: far above what two transactions per op allow.
+const MAX_REDEEM_OPS_PER_SEC: u64 = 20_000;
+
+/// Points every customer must hold before the redeem scenarios of a scale: twice the mean
+/// that its three runs (the ceiling, the closed and the open loop) could spend at
+/// `MAX_REDEEM_OPS_PER_SEC`, plus a margin, so that no customer runs dry even at random.
+fn redeem_floor(customers: u64, window: Window) -> i64 {
+    let seconds = (window.warmup + window.measure).as_secs().max(1);
+    let spent = MAX_REDEEM_OPS_PER_SEC * seconds * 3 * load::REDEEM_POINTS as u64;
+    (2 * spent.div_ceil(customers.max(1)) + 100) as i64
+}
+
 /// The server's cache hit ratio since `before` (the proof that `balance` was warm).
 async fn hit_ratio(server: &Server, before: Option<CacheReads>) -> Option<f64> {
     let after = CacheReads::scrape(server.metrics).await?;
@@ -196,6 +209,20 @@ impl Bench {
                 "reusing merchant bench-{customers} (id {}), preloaded earlier",
                 merchant.id
             );
+        }
+        if scenarios.iter().any(|s| s.spends()) {
+            let floor = redeem_floor(customers, self.window);
+            let started = std::time::Instant::now();
+            let topped = setup::top_up(&self.store, merchant.id, floor, &self.run_id).await?;
+            if topped.customers > 0 {
+                eprintln!(
+                    "topped up {} customers with {} points (an ADJUST entry and lot each) to \
+                     at least {floor} available for the redeem scenarios ({:.1} s)",
+                    topped.customers,
+                    topped.points,
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         setup::analyze(&self.store).await?;
         if let Some(busy) = cpu::background_busy_pct(Duration::from_secs(1)).await
@@ -240,7 +267,11 @@ impl Bench {
         let needs_cached = scenarios.iter().any(|s| {
             matches!(
                 s,
-                Scenario::Health | Scenario::Balance | Scenario::Checkout | Scenario::Mixed
+                Scenario::Health
+                    | Scenario::Balance
+                    | Scenario::Checkout
+                    | Scenario::Redeem
+                    | Scenario::Mixed
             )
         });
         let cached = if needs_cached {
@@ -252,7 +283,9 @@ impl Bench {
         let mut warm = false;
         for &scenario in scenarios {
             match scenario {
-                Scenario::Pgbench => rows.push(self.pgbench(merchant).await?),
+                Scenario::Pgbench | Scenario::RedeemPgbench => {
+                    rows.push(self.pgbench(scenario, merchant).await?);
+                }
                 Scenario::BalanceCold => {
                     // Its own server without a cache, stopped right after, so its pool does
                     // not count against pgbench's connections.
@@ -376,11 +409,13 @@ impl Bench {
         Ok(())
     }
 
-    async fn pgbench(&self, merchant: &BenchMerchant) -> Result<Row> {
+    async fn pgbench(&self, scenario: Scenario, merchant: &BenchMerchant) -> Result<Row> {
         let binary = self.pgbench_bin.as_deref().context("pgbench not located")?;
+        let ceiling = scenario.ceiling().context("not a pgbench scenario")?;
         // pgbench's own CPU is not this process's: only the machine's share is known.
         let cpu = CpuMeter::start(None, false);
         let outcome = PgbenchRun {
+            ceiling,
             binary,
             database_url: &self.args.database_url,
             merchant: merchant.id,
@@ -392,7 +427,7 @@ impl Bench {
         .run()
         .await?;
         let mut row = Row::new(
-            Scenario::Pgbench,
+            scenario,
             Mode::Closed,
             merchant.customers,
             self.args.concurrency,

@@ -10,7 +10,7 @@ use loyalty::{DatabaseConfig, MerchantId, Store};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
-/// Purchases preloaded per customer (each with two lines and one EARN entry).
+/// Purchases preloaded per customer (each with two lines, one EARN entry and its lot).
 pub const HISTORY: i32 = 3;
 
 /// The currency of bench merchants; the checkout requests and the pgbench script use it too.
@@ -99,7 +99,9 @@ pub struct BenchMerchant {
 }
 
 /// The merchant `bench-<customers>`, created and preloaded if needed. A preload interrupted
-/// earlier is resumed: batches commit one by one and always cover external ids 1..=k.
+/// earlier is resumed: batches commit one by one and always cover external ids 1..=k. A
+/// merchant preloaded by an older bench, whose purchases have no lots, gets them
+/// (`fill_missing_lots`).
 pub async fn bench_merchant(store: &Store, customers: u64, batch: u64) -> Result<BenchMerchant> {
     let name = format!("bench-{customers}");
     let existing: Option<i64> =
@@ -129,12 +131,22 @@ pub async fn bench_merchant(store: &Store, customers: u64, batch: u64) -> Result
         );
     }
     let started = Instant::now();
-    if have < customers {
+    let filled = fill_missing_lots(store, id, &name).await?;
+    if filled > 0 {
         eprintln!(
-            "preloading {} customers x {HISTORY} purchases into merchant {name} (id {id})...",
-            customers - have
+            "merchant {name} (id {id}) was preloaded by an older loyalty-bench, without lots: \
+             gave {filled} customers the lots of their preloaded purchases ({:.1} s)",
+            started.elapsed().as_secs_f64()
         );
+    }
+    if have < customers || filled > 0 {
         let mut first = have + 1;
+        if have < customers {
+            eprintln!(
+                "preloading {} customers x {HISTORY} purchases into merchant {name} (id {id})...",
+                customers - have
+            );
+        }
         while first <= customers {
             let last = (first + batch - 1).min(customers);
             preload_batch(store, id, first, last).await?;
@@ -164,12 +176,15 @@ pub async fn bench_merchant(store: &Store, customers: u64, batch: u64) -> Result
     })
 }
 
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 8] = [
     "customers",
     "accounts",
     "purchases",
     "purchase_lines",
     "ledger_entries",
+    "point_lots",
+    "lot_movements",
+    "reservations",
 ];
 
 /// Fresh statistics before measuring (earlier runs added purchases).
@@ -182,9 +197,11 @@ pub async fn analyze(store: &Store) -> Result<()> {
 }
 
 /// Customers `$2..=$3` of merchant `$1`, each with `$4` purchases (two lines each), their EARN
-/// ledger entries and an account that is exactly the projection of that ledger: available ==
-/// lifetime_earned == Σ points, version == purchase_count == number of purchases. Every
-/// purchase's `*_after` columns hold the running totals, as RecordPurchase would have written.
+/// ledger entries, their lots and an account that is exactly the projection of that ledger:
+/// available == lifetime_earned == Σ points, version == purchase_count == number of
+/// purchases. Every purchase's `*_after` columns hold the running totals, and every purchase
+/// has the lot RecordPurchase would have made under the bench's (default) program: spendable
+/// at once, never expiring, all of its points remaining.
 /// External ids are the numbers as text, so pgbench and the load generator can pick customers
 /// with a random integer. Points follow the default program (1 point per currency unit).
 const PRELOAD: &str = r"
@@ -236,9 +253,182 @@ WITH spec AS (
                                 occurred_at)
     SELECT $1, c.id, p.k, 'earn', p.points, p.purchase_id, p.occurred_at
       FROM purchase p JOIN customer c ON c.n = p.n
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, c.id, 'earn', p.purchase_id, p.points, p.points, p.occurred_at, p.occurred_at,
+           true, NULL
+      FROM purchase p JOIN customer c ON c.n = p.n
+     WHERE p.points > 0
 )
 SELECT count(*) FROM customer
 ";
+
+/// Per customer of merchant `$1` whose spendable lots hold other than their available points:
+/// that gap, and the points of their purchases that have no lot. A bench before lots preloaded
+/// purchases without them (and nothing could spend since, spending needs lots), so for each of
+/// its customers the two are equal and the purchases' lots close the gap; any other gap is
+/// not the bench's doing.
+const LOT_GAPS: &str = r"
+WITH spendable AS (
+    SELECT customer_id, sum(remaining)::bigint AS points
+      FROM point_lots
+     WHERE merchant_id = $1 AND matured
+     GROUP BY customer_id
+), gap AS (
+    SELECT a.customer_id, greatest(a.available, 0) - COALESCE(s.points, 0) AS points
+      FROM accounts a
+      LEFT JOIN spendable s ON s.customer_id = a.customer_id
+     WHERE a.merchant_id = $1
+), missing AS (
+    SELECT p.customer_id, sum(p.points_earned)::bigint AS points
+      FROM purchases p
+     WHERE p.merchant_id = $1 AND p.points_earned > 0
+       AND NOT EXISTS (SELECT 1 FROM point_lots l
+                        WHERE l.merchant_id = $1 AND l.source_kind = 'earn'
+                          AND l.source_reference = p.purchase_id)
+     GROUP BY p.customer_id
+)
+SELECT g.customer_id, g.points AS gap, COALESCE(m.points, 0) AS missing
+  FROM gap g
+  LEFT JOIN missing m ON m.customer_id = g.customer_id
+ WHERE g.points <> 0
+";
+
+/// The lots of the purchases of customers `$2` of merchant `$1` that have none, as the
+/// preload makes them.
+const FILL_LOTS: &str = r"
+INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                        remaining, earned_at, available_at, matured, expires_at)
+SELECT p.merchant_id, p.customer_id, 'earn', p.purchase_id, p.points_earned, p.points_earned,
+       p.occurred_at, p.occurred_at, true, NULL
+  FROM purchases p
+ WHERE p.merchant_id = $1 AND p.customer_id = ANY($2) AND p.points_earned > 0
+   AND NOT EXISTS (SELECT 1 FROM point_lots l
+                    WHERE l.merchant_id = $1 AND l.source_kind = 'earn'
+                      AND l.source_reference = p.purchase_id)
+";
+
+/// Gives the customers of a merchant preloaded without lots the lots of their purchases;
+/// refuses a merchant whose lots and accounts disagree otherwise. Returns the customers given
+/// lots.
+async fn fill_missing_lots(store: &Store, merchant: MerchantId, name: &str) -> Result<u64> {
+    let mut tx = store.pool().begin().await?;
+    let gaps: Vec<(i64, i64, i64)> = sqlx::query_as(LOT_GAPS)
+        .bind(merchant.0)
+        .fetch_all(&mut *tx)
+        .await
+        .context("comparing the bench customers' lots with their accounts")?;
+    let broken: Vec<&(i64, i64, i64)> = gaps
+        .iter()
+        .filter(|(_, gap, missing)| gap != missing)
+        .collect();
+    if let Some((customer, gap, missing)) = broken.first() {
+        bail!(
+            "merchant {name} (id {merchant}): {} customers' spendable lots do not match their              available points in a way lots of their purchases would explain (customer id              {customer}: {gap} points without a lot, purchases without a lot hold {missing});              the bench cannot spend their points. Drop the bench database (or use another              --database-url) and let the bench preload it again.",
+            broken.len()
+        );
+    }
+    if gaps.is_empty() {
+        return Ok(0);
+    }
+    let customers: Vec<i64> = gaps.iter().map(|(customer, _, _)| *customer).collect();
+    sqlx::query(FILL_LOTS)
+        .bind(merchant.0)
+        .bind(&customers)
+        .execute(&mut *tx)
+        .await
+        .context("giving preloaded purchases their lots")?;
+    tx.commit().await?;
+    Ok(customers.len() as u64)
+}
+
+/// What a top-up credited.
+pub struct TopUp {
+    pub customers: u64,
+    pub points: i64,
+}
+
+/// Customers topped up per statement.
+const TOP_UP_BATCH: i64 = 50_000;
+
+/// Customers of merchant `$1` above id `$3` with fewer than `$2` available points (and no
+/// debt) get up to twice `$2`, as an adjustment credits them (an ADJUST ledger entry, `$4`
+/// and the customer id as its reference, and a lot of its own, spendable at once and never
+/// expiring, as AdjustPoints makes under the bench's program): the account moves by the points
+/// and one version. (The adjustment's idempotency row and audit record, which nobody reads
+/// here, are not written.) At most `$5` customers, in id order; returns how many, their
+/// points and the last id.
+const TOP_UP: &str = r"
+WITH due AS (
+    SELECT customer_id, 2 * $2 - available AS points, version + 1 AS seq
+      FROM accounts
+     WHERE merchant_id = $1 AND customer_id > $3 AND available >= 0 AND available < $2
+     ORDER BY customer_id
+     LIMIT $5
+       FOR UPDATE
+), account AS (
+    UPDATE accounts a
+       SET available = a.available + d.points, version = d.seq, updated_at = now()
+      FROM due d
+     WHERE a.merchant_id = $1 AND a.customer_id = d.customer_id
+), entry AS (
+    INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
+                                occurred_at)
+    SELECT $1, customer_id, seq, 'adjust', points, $4 || '-' || customer_id, now()
+      FROM due
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, customer_id, 'adjust', $4 || '-' || customer_id, points, points, now(), now(),
+           true, NULL
+      FROM due
+)
+SELECT count(*), COALESCE(sum(points), 0)::bigint, max(customer_id) FROM due
+";
+
+/// Makes sure every customer of the merchant has at least `floor` available points, crediting
+/// those below it up to twice as many (`TOP_UP`); `run_id` makes the credits' references
+/// unique. A top-up that changed rows is vacuumed, as the preload is.
+pub async fn top_up(
+    store: &Store,
+    merchant: MerchantId,
+    floor: i64,
+    run_id: &str,
+) -> Result<TopUp> {
+    let reference = format!("loyalty-bench-top-up-{run_id}");
+    let mut done = TopUp {
+        customers: 0,
+        points: 0,
+    };
+    let mut after = 0_i64;
+    loop {
+        let (count, points, last): (i64, i64, Option<i64>) = sqlx::query_as(TOP_UP)
+            .bind(merchant.0)
+            .bind(floor)
+            .bind(after)
+            .bind(&reference)
+            .bind(TOP_UP_BATCH)
+            .fetch_one(store.pool())
+            .await
+            .context("topping up the bench customers")?;
+        done.customers += count as u64;
+        done.points += points;
+        match last {
+            Some(last) if count == TOP_UP_BATCH => after = last,
+            _ => break,
+        }
+    }
+    if done.customers > 0 {
+        for table in ["accounts", "ledger_entries", "point_lots"] {
+            sqlx::raw_sql(AssertSqlSafe(format!("VACUUM (ANALYZE) {table}")))
+                .execute(store.pool())
+                .await
+                .with_context(|| format!("VACUUM {table}"))?;
+        }
+    }
+    Ok(done)
+}
 
 async fn preload_batch(store: &Store, merchant: MerchantId, first: u64, last: u64) -> Result<()> {
     let mut tx = store.pool().begin().await?;
@@ -322,43 +512,237 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 
-    /// Needs PostgreSQL (`LOYALTY_BENCH_TEST_DATABASE_URL`, a maintenance database URL);
-    /// skipped without it. Preloads into a throwaway database and checks rule 1.
-    #[tokio::test]
-    async fn preload_keeps_accounts_consistent_with_their_ledger() {
+    /// A throwaway bench database, dropped by `drop_database`. Needs PostgreSQL
+    /// (`LOYALTY_BENCH_TEST_DATABASE_URL`, a maintenance database URL); `None` (the test is
+    /// skipped) without it.
+    async fn throwaway(tag: &str) -> Option<(Store, PgConnectOptions, String)> {
         let Ok(admin_url) = std::env::var("LOYALTY_BENCH_TEST_DATABASE_URL") else {
             eprintln!("skipped: LOYALTY_BENCH_TEST_DATABASE_URL is not set");
-            return;
+            return None;
         };
-        let name = format!("loyalty_bench_t_{}", std::process::id());
+        let name = format!("loyalty_bench_t_{}_{tag}", std::process::id());
         let options: PgConnectOptions = admin_url.parse().unwrap();
         let url = options.clone().database(&name).to_url_lossy().to_string();
         let store = prepare_database(&url).await.unwrap();
-        let merchant = bench_merchant(&store, 250, 100).await.unwrap();
-        assert_eq!(merchant.preloaded, 250);
-        let again = bench_merchant(&store, 250, 100).await.unwrap();
-        assert_eq!((again.id, again.preloaded), (merchant.id, 0));
-        let broken: i64 = sqlx::query_scalar(LEDGER_MISMATCHES)
-            .bind(merchant.id.0)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        assert_eq!(broken, 0);
-        let purchases: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM purchases WHERE merchant_id = $1")
-                .bind(merchant.id.0)
-                .fetch_one(store.pool())
-                .await
-                .unwrap();
-        assert_eq!(purchases, 250 * i64::from(HISTORY));
+        Some((store, options, name))
+    }
+
+    async fn drop_database(store: Store, options: PgConnectOptions, name: &str) {
         store.close().await;
         let mut admin = options.connect().await.unwrap();
         sqlx::raw_sql(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&name)
+            quote_ident(name)
         )))
         .execute(&mut admin)
         .await
         .unwrap();
+    }
+
+    async fn count(store: &Store, sql: &'static str, merchant: MerchantId) -> i64 {
+        sqlx::query_scalar(sql)
+            .bind(merchant.0)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Customers whose spendable lots do not hold exactly their available points.
+    const LOT_MISMATCHES: &str = r"
+    SELECT count(*) FROM accounts a
+     WHERE a.merchant_id = $1
+       AND greatest(a.available, 0) <> (SELECT COALESCE(sum(remaining), 0) FROM point_lots l
+                                          WHERE l.merchant_id = a.merchant_id
+                                            AND l.customer_id = a.customer_id AND l.matured)
+    ";
+
+    /// Customers whose account is not the projection of their ledger (whatever wrote it):
+    /// available + pending == Σ points, version == the last entry's seq.
+    const PROJECTION_MISMATCHES: &str = r"
+    SELECT count(*) FROM accounts a
+      JOIN LATERAL (SELECT COALESCE(sum(points), 0) AS points, COALESCE(max(seq), 0) AS seq
+                      FROM ledger_entries e
+                     WHERE e.merchant_id = a.merchant_id AND e.customer_id = a.customer_id) l
+        ON true
+     WHERE a.merchant_id = $1
+       AND (a.available + a.pending <> l.points OR a.version <> l.seq)
+    ";
+
+    /// Preloads into a throwaway database and checks rule 1 and the lots.
+    #[tokio::test]
+    async fn preload_keeps_accounts_consistent_with_their_ledger() {
+        let Some((store, options, name)) = throwaway("preload").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 250, 100).await.unwrap();
+        assert_eq!(merchant.preloaded, 250);
+        let again = bench_merchant(&store, 250, 100).await.unwrap();
+        assert_eq!((again.id, again.preloaded), (merchant.id, 0));
+        assert_eq!(count(&store, LEDGER_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(count(&store, PROJECTION_MISMATCHES, merchant.id).await, 0);
+        let purchases = count(
+            &store,
+            "SELECT count(*) FROM purchases WHERE merchant_id = $1",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(purchases, 250 * i64::from(HISTORY));
+        // One lot per purchase, as RecordPurchase makes it under the bench's program.
+        let lots = count(
+            &store,
+            "SELECT count(*) FROM point_lots l JOIN purchases p
+                 ON p.merchant_id = l.merchant_id AND p.purchase_id = l.source_reference
+              WHERE l.merchant_id = $1 AND l.source_kind = 'earn' AND l.matured
+                AND l.expires_at IS NULL AND l.remaining = p.points_earned
+                AND l.points = p.points_earned AND l.customer_id = p.customer_id",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(lots, purchases);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        drop_database(store, options, &name).await;
+    }
+
+    /// A merchant an older bench preloaded (purchases without lots) gets its lots; one whose
+    /// lots disagree with its accounts otherwise is refused, saying what to do.
+    #[tokio::test]
+    async fn purchases_preloaded_without_lots_get_them_and_other_gaps_are_refused() {
+        let Some((store, options, name)) = throwaway("lots").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 120, 100).await.unwrap();
+        // What an older preload left: the first 50 customers' purchases without lots.
+        sqlx::query(
+            "DELETE FROM point_lots l USING customers c
+              WHERE l.merchant_id = $1 AND c.merchant_id = l.merchant_id
+                AND c.id = l.customer_id AND c.external_id::bigint <= 50",
+        )
+        .bind(merchant.id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 50);
+        let filled = fill_missing_lots(&store, merchant.id, "bench-120")
+            .await
+            .unwrap();
+        assert_eq!(filled, 50);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(
+            fill_missing_lots(&store, merchant.id, "bench-120")
+                .await
+                .unwrap(),
+            0
+        );
+        // A gap that no purchase's lot explains.
+        sqlx::query(
+            "UPDATE point_lots SET remaining = remaining - 1
+              WHERE merchant_id = $1 AND id = (SELECT min(id) FROM point_lots WHERE merchant_id = $1)",
+        )
+        .bind(merchant.id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let refused = bench_merchant(&store, 120, 100).await.err().unwrap();
+        let message = format!("{refused:#}");
+        assert!(message.contains("Drop the bench database"), "{message}");
+        drop_database(store, options, &name).await;
+    }
+
+    /// The top-up credits as an adjustment does, and the redeem ceiling (pgbench, if it is
+    /// installed) spends as the service does: afterwards every account is still the
+    /// projection of its ledger and its lots hold its available points.
+    #[tokio::test]
+    async fn top_up_and_the_redeem_ceiling_keep_every_invariant() {
+        let Some((store, options, name)) = throwaway("redeem").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 40, 100).await.unwrap();
+        let topped = top_up(&store, merchant.id, 100, "t1").await.unwrap();
+        assert_eq!(
+            topped.customers, 40,
+            "preloaded customers hold fewer than 100"
+        );
+        let below = count(
+            &store,
+            "SELECT count(*) FROM accounts WHERE merchant_id = $1 AND available < 100",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(below, 0);
+        assert_eq!(count(&store, PROJECTION_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        let again = top_up(&store, merchant.id, 100, "t2").await.unwrap();
+        assert_eq!((again.customers, again.points), (0, 0));
+
+        let Ok(pgbench) = crate::pgbench::locate(None) else {
+            eprintln!("skipped the redeem ceiling: pgbench is not installed");
+            drop_database(store, options, &name).await;
+            return;
+        };
+        // pgbench (libpq) takes the test's URL with this database, not sqlx's parameters.
+        let admin_url = std::env::var("LOYALTY_BENCH_TEST_DATABASE_URL").unwrap();
+        let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+        let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        let url = format!("{server}/{name}{query}");
+        let dir = std::env::temp_dir().join(format!("loyalty-bench-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let outcome = crate::pgbench::PgbenchRun {
+            ceiling: crate::pgbench::Ceiling::Redeem,
+            binary: &pgbench,
+            database_url: &url,
+            merchant: merchant.id,
+            customers: 40,
+            concurrency: 4,
+            window: crate::load::Window {
+                warmup: Duration::ZERO,
+                measure: Duration::from_secs(2),
+            },
+            dir: &dir,
+        }
+        .run()
+        .await
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let summary = outcome.recorder.summary(2.0);
+        assert!(summary.ok > 0, "{:?}", summary.error_codes);
+        assert_eq!(summary.errors, 0, "{:?}", summary.error_codes);
+        assert_eq!(count(&store, PROJECTION_MISMATCHES, merchant.id).await, 0);
+        assert_eq!(count(&store, LOT_MISMATCHES, merchant.id).await, 0);
+        // Every hold was committed, once, with its RESERVE, RELEASE and REDEEM entries.
+        let (held, committed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'held'),
+                    count(*) FILTER (WHERE status = 'committed')
+               FROM reservations WHERE merchant_id = $1",
+        )
+        .bind(merchant.id.0)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(held, 0);
+        assert!(committed as u64 >= summary.ok);
+        for kind in ["reserve", "release", "redeem"] {
+            let entries: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM ledger_entries WHERE merchant_id = $1 AND kind = $2",
+            )
+            .bind(merchant.id.0)
+            .bind(kind)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            assert_eq!(entries, committed, "{kind} entries");
+        }
+        let redeemed = count(
+            &store,
+            "SELECT COALESCE(sum(lifetime_redeemed), 0)::bigint FROM accounts WHERE merchant_id = $1",
+            merchant.id,
+        )
+        .await;
+        assert_eq!(redeemed, committed * crate::load::REDEEM_POINTS);
+        drop_database(store, options, &name).await;
     }
 }

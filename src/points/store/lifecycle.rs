@@ -8,8 +8,8 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::error::Error;
 use crate::platform::account::{AccountRow, AccountState};
@@ -17,6 +17,7 @@ use crate::platform::caller::MerchantId;
 use crate::platform::store::{db_error, violated_unique_constraint};
 use crate::points::rules::ledger::EntryKind;
 use crate::points::rules::lots::{LotTerms, OpenLot};
+use crate::points::sql;
 
 /// An account as locked for a movement.
 #[derive(Debug, Clone, Copy, sqlx::FromRow)]
@@ -27,26 +28,18 @@ pub struct LockedAccount {
     pub last_purchase_at: Option<DateTime<Utc>>,
 }
 
-const LOCKED_COLUMNS: &str = "a.customer_id, a.available, a.version, a.last_purchase_at";
-
 /// Locks the account of a customer by external id; `None` if there is no such customer.
 pub async fn lock_account(
     conn: &mut PgConnection,
     merchant: MerchantId,
     external_id: &str,
 ) -> Result<Option<LockedAccount>, Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {LOCKED_COLUMNS}
-           FROM customers c
-           JOIN accounts a ON a.merchant_id = c.merchant_id AND a.customer_id = c.id
-          WHERE c.merchant_id = $1 AND c.external_id = $2
-            FOR UPDATE OF a"
-    )))
-    .bind(merchant.0)
-    .bind(external_id)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)
+    sqlx::query_as(sql::LOCK_ACCOUNT)
+        .bind(merchant.0)
+        .bind(external_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
 }
 
 /// Locks the account of a customer by internal id; with `skip_locked`, `None` when another
@@ -57,18 +50,31 @@ pub async fn lock_account_by_id(
     customer_id: i64,
     skip_locked: bool,
 ) -> Result<Option<LockedAccount>, Error> {
-    let wait = if skip_locked { "SKIP LOCKED" } else { "" };
-    sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {LOCKED_COLUMNS}
-           FROM accounts a
-          WHERE a.merchant_id = $1 AND a.customer_id = $2
-            FOR UPDATE {wait}"
-    )))
-    .bind(merchant.0)
-    .bind(customer_id)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)
+    let statement = if skip_locked {
+        sql::LOCK_ACCOUNT_BY_ID_SKIP_LOCKED
+    } else {
+        sql::LOCK_ACCOUNT_BY_ID
+    };
+    sqlx::query_as(statement)
+        .bind(merchant.0)
+        .bind(customer_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
+}
+
+/// Locks the account of a reservation's customer; `None` if there is no such reservation.
+pub async fn lock_reservation_account(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    reservation_id: &str,
+) -> Result<Option<LockedAccount>, Error> {
+    sqlx::query_as(sql::LOCK_RESERVATION_ACCOUNT)
+        .bind(merchant.0)
+        .bind(reservation_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
 }
 
 /// The customer's lots with points left: spendable ones (`matured`) or pending ones.
@@ -181,7 +187,7 @@ pub async fn take_points(
     customer_id: i64,
     entry: &Entry<'_>,
 ) -> Result<i64, Error> {
-    sqlx::query_scalar(crate::points::sql::TAKE_POINTS)
+    sqlx::query_scalar(sql::TAKE_POINTS)
         .bind(merchant.0)
         .bind(customer_id)
         .bind(entry.points)
@@ -271,21 +277,17 @@ pub async fn insert_entry(
     customer_id: i64,
     entry: &Entry<'_>,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference,
-                                     occurred_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(merchant.0)
-    .bind(customer_id)
-    .bind(entry.seq)
-    .bind(entry.kind.as_str())
-    .bind(entry.points)
-    .bind(entry.reference)
-    .bind(entry.occurred_at)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
+    sqlx::query(sql::INSERT_ENTRY)
+        .bind(merchant.0)
+        .bind(customer_id)
+        .bind(entry.seq)
+        .bind(entry.kind.as_str())
+        .bind(entry.points)
+        .bind(entry.reference)
+        .bind(entry.occurred_at)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 
@@ -304,8 +306,6 @@ pub struct AccountChange {
     pub debit: bool,
 }
 
-const WRITE_ACCOUNT: &str = include_str!("../sql/write_account.sql");
-
 /// Applies `change` to a locked account and returns it as committed, with its next expiry
 /// (from the lots as this transaction left them: write the lots first). `None` when a debit
 /// found fewer points than it takes (the lock makes that a defect, never a race).
@@ -315,7 +315,7 @@ pub async fn write_account(
     customer_id: i64,
     change: AccountChange,
 ) -> Result<Option<AccountState>, Error> {
-    let row: Option<AccountRow> = sqlx::query_as(WRITE_ACCOUNT)
+    let row: Option<AccountRow> = sqlx::query_as(sql::WRITE_ACCOUNT)
         .bind(merchant.0)
         .bind(customer_id)
         .bind(change.available)
@@ -343,15 +343,12 @@ pub async fn find_operation<T: DeserializeOwned + Send + Unpin + 'static>(
     merchant: MerchantId,
     key: &str,
 ) -> Result<Option<Stored<T>>, Error> {
-    let (table, column) = table.names();
-    let row: Option<(Vec<u8>, Json<T>)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT request_hash, answer FROM {table} WHERE merchant_id = $1 AND {column} = $2"
-    )))
-    .bind(merchant.0)
-    .bind(key)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)?;
+    let row: Option<(Vec<u8>, Json<T>)> = sqlx::query_as(table.lookup())
+        .bind(merchant.0)
+        .bind(key)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)?;
     Ok(row.map(|(request_hash, answer)| Stored {
         request_hash,
         answer: answer.0,
@@ -369,13 +366,22 @@ pub enum OperationTable {
 }
 
 impl OperationTable {
-    fn names(self) -> (&'static str, &'static str) {
+    /// The stored request hash and answer of a key: `$1` merchant_id, `$2` the key.
+    fn lookup(self) -> &'static str {
         match self {
-            OperationTable::Redemptions => ("redemptions", "redemption_id"),
-            OperationTable::Reservations => ("reservations", "reservation_id"),
-            OperationTable::Returns => ("purchase_returns", "return_id"),
-            OperationTable::Adjustments => ("adjustments", "adjustment_key"),
-            OperationTable::GiftClaims => ("gift_claims", "claim_key"),
+            OperationTable::Redemptions => {
+                "SELECT request_hash, answer FROM redemptions WHERE merchant_id = $1 AND redemption_id = $2"
+            }
+            OperationTable::Reservations => sql::RESERVATION_ANSWER,
+            OperationTable::Returns => {
+                "SELECT request_hash, answer FROM purchase_returns WHERE merchant_id = $1 AND return_id = $2"
+            }
+            OperationTable::Adjustments => {
+                "SELECT request_hash, answer FROM adjustments WHERE merchant_id = $1 AND adjustment_key = $2"
+            }
+            OperationTable::GiftClaims => {
+                "SELECT request_hash, answer FROM gift_claims WHERE merchant_id = $1 AND claim_key = $2"
+            }
         }
     }
 }
@@ -439,19 +445,13 @@ pub struct ReservationRow {
     pub settled_answer: Option<Json<serde_json::Value>>,
 }
 
-const SELECT_RESERVATION: &str = "SELECT r.customer_id, c.external_id, r.points, r.discount_minor,
-        r.expires_at, r.status, r.hold_seq, r.settled_answer
-   FROM reservations r
-   JOIN customers c ON c.merchant_id = r.merchant_id AND c.id = r.customer_id
-  WHERE r.merchant_id = $1 AND r.reservation_id = $2";
-
 /// The reservation, unlocked (to find whose account to lock first).
 pub async fn find_reservation(
     conn: &mut PgConnection,
     merchant: MerchantId,
     reservation_id: &str,
 ) -> Result<Option<ReservationRow>, Error> {
-    sqlx::query_as(SELECT_RESERVATION)
+    sqlx::query_as(sql::FIND_RESERVATION)
         .bind(merchant.0)
         .bind(reservation_id)
         .fetch_optional(conn)
@@ -465,14 +465,12 @@ pub async fn lock_reservation(
     merchant: MerchantId,
     reservation_id: &str,
 ) -> Result<Option<ReservationRow>, Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "{SELECT_RESERVATION} FOR UPDATE OF r"
-    )))
-    .bind(merchant.0)
-    .bind(reservation_id)
-    .fetch_optional(conn)
-    .await
-    .map_err(db_error)
+    sqlx::query_as(sql::LOCK_RESERVATION)
+        .bind(merchant.0)
+        .bind(reservation_id)
+        .fetch_optional(conn)
+        .await
+        .map_err(db_error)
 }
 
 /// The row of a new hold.
@@ -493,25 +491,20 @@ pub async fn insert_reservation<T: Serialize + Sync>(
     merchant: MerchantId,
     row: &HoldRow<'_, T>,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO reservations (merchant_id, reservation_id, customer_id, points,
-                                   discount_minor, purchase_id, request_hash, expires_at,
-                                   hold_seq, answer)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(merchant.0)
-    .bind(row.reservation_id)
-    .bind(row.customer_id)
-    .bind(row.points)
-    .bind(row.discount_minor)
-    .bind(row.purchase_id)
-    .bind(row.request_hash)
-    .bind(row.expires_at)
-    .bind(row.hold_seq)
-    .bind(Json(row.answer))
-    .execute(conn)
-    .await
-    .map_err(|e| key_taken(e, "reservation_id", row.reservation_id))?;
+    sqlx::query(sql::INSERT_RESERVATION)
+        .bind(merchant.0)
+        .bind(row.reservation_id)
+        .bind(row.customer_id)
+        .bind(row.points)
+        .bind(row.discount_minor)
+        .bind(row.purchase_id)
+        .bind(row.request_hash)
+        .bind(row.expires_at)
+        .bind(row.hold_seq)
+        .bind(Json(row.answer))
+        .execute(conn)
+        .await
+        .map_err(|e| key_taken(e, "reservation_id", row.reservation_id))?;
     Ok(())
 }
 
@@ -524,19 +517,15 @@ pub async fn settle_reservation<T: Serialize + Sync>(
     answer: &T,
     now: DateTime<Utc>,
 ) -> Result<bool, Error> {
-    let done = sqlx::query(
-        "UPDATE reservations
-            SET status = $3, settled_answer = $4, settled_at = $5
-          WHERE merchant_id = $1 AND reservation_id = $2 AND status = 'held'",
-    )
-    .bind(merchant.0)
-    .bind(reservation_id)
-    .bind(status)
-    .bind(Json(answer))
-    .bind(now)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
+    let done = sqlx::query(sql::SETTLE_RESERVATION)
+        .bind(merchant.0)
+        .bind(reservation_id)
+        .bind(status)
+        .bind(Json(answer))
+        .bind(now)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
     Ok(done.rows_affected() == 1)
 }
 
