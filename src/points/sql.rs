@@ -87,7 +87,7 @@ pub const LOCK_RESERVATION_ACCOUNT: &str =
                          WHERE r.merchant_id = $1 AND r.reservation_id = $2)
    FOR UPDATE";
 
-/// A reservation, unlocked: whose account the sweep locks first (skipping a locked one). `$1` merchant_id, `$2`
+/// A reservation, unlocked: whose account the sweep locks first. `$1` merchant_id, `$2`
 /// reservation_id.
 pub const FIND_RESERVATION: &str = select_reservation!();
 
