@@ -1131,15 +1131,12 @@ impl Points {
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
         let mut tx = self.store.begin().await?;
-        let Some(found) = store::find_reservation(&mut tx, merchant, reservation_id).await? else {
-            return Ok(false);
-        };
         // Wait for the account rather than skip it: a hot customer's row is locked by one
         // till after another, so a pass that skipped locked rows left the hold held for
         // seconds. A till's transaction is short (and bounded by the statement timeout), and
         // the re-check below makes a second replica's wait harmless.
         let Some(account) =
-            store::lock_account_by_id(&mut tx, merchant, found.customer_id, false).await?
+            store::lock_reservation_account(&mut tx, merchant, reservation_id).await?
         else {
             return Ok(false);
         };

@@ -65,19 +65,10 @@ pub const WRITE_ACCOUNT: &str = include_str!("sql/write_account.sql");
 /// A new hold's row. See the file for parameters.
 pub const INSERT_RESERVATION: &str = include_str!("sql/insert_reservation.sql");
 
-macro_rules! select_reservation {
-    () => {
-        "SELECT r.customer_id, c.external_id, r.points, r.discount_minor,
-       r.expires_at, r.status, r.hold_seq, r.settled_answer
-  FROM reservations r
-  JOIN customers c ON c.merchant_id = r.merchant_id AND c.id = r.customer_id
- WHERE r.merchant_id = $1 AND r.reservation_id = $2"
-    };
-}
-
 /// Locks the account of a reservation's customer (no row: no such reservation), the first
 /// lock of a settlement. The reservation's customer never changes, so reading it in the same
-/// statement is the same as reading it first (`FIND_RESERVATION`), a round trip less.
+/// statement is the same as reading it first, a round trip less. Settlements and the sweep's
+/// release of an expired hold both start with it.
 /// `$1` merchant_id, `$2` reservation_id.
 pub const LOCK_RESERVATION_ACCOUNT: &str =
     "SELECT a.customer_id, a.available, a.version, a.last_purchase_at
@@ -87,12 +78,13 @@ pub const LOCK_RESERVATION_ACCOUNT: &str =
                          WHERE r.merchant_id = $1 AND r.reservation_id = $2)
    FOR UPDATE";
 
-/// A reservation, unlocked: whose account the sweep locks first. `$1` merchant_id, `$2`
-/// reservation_id.
-pub const FIND_RESERVATION: &str = select_reservation!();
-
-/// `FIND_RESERVATION`, locked (after its account).
-pub const LOCK_RESERVATION: &str = concat!(select_reservation!(), "\n   FOR UPDATE OF r");
+/// A reservation, locked (after its account). `$1` merchant_id, `$2` reservation_id.
+pub const LOCK_RESERVATION: &str = "SELECT c.external_id, r.points, r.discount_minor, r.expires_at,
+       r.status, r.hold_seq, r.settled_answer
+  FROM reservations r
+  JOIN customers c ON c.merchant_id = r.merchant_id AND c.id = r.customer_id
+ WHERE r.merchant_id = $1 AND r.reservation_id = $2
+   FOR UPDATE OF r";
 
 /// One ledger entry. `$1` merchant_id, `$2` customer_id, `$3` seq (the account version it
 /// produces), `$4` kind, `$5` points, `$6` reference, `$7` occurred_at.
@@ -120,10 +112,6 @@ mod tests {
         assert_eq!(
             LOCK_ACCOUNT_BY_ID_SKIP_LOCKED,
             format!("{LOCK_ACCOUNT_BY_ID} SKIP LOCKED")
-        );
-        assert_eq!(
-            LOCK_RESERVATION,
-            format!("{FIND_RESERVATION}\n   FOR UPDATE OF r")
         );
     }
 

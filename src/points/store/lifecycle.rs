@@ -435,7 +435,6 @@ pub async fn insert_redemption<T: Serialize + Sync>(
 /// A reservation as settling it needs.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ReservationRow {
-    pub customer_id: i64,
     pub external_id: String,
     pub points: i64,
     pub discount_minor: i64,
@@ -443,20 +442,6 @@ pub struct ReservationRow {
     pub status: String,
     pub hold_seq: i64,
     pub settled_answer: Option<Json<serde_json::Value>>,
-}
-
-/// The reservation, unlocked (to find whose account to lock first).
-pub async fn find_reservation(
-    conn: &mut PgConnection,
-    merchant: MerchantId,
-    reservation_id: &str,
-) -> Result<Option<ReservationRow>, Error> {
-    sqlx::query_as(sql::FIND_RESERVATION)
-        .bind(merchant.0)
-        .bind(reservation_id)
-        .fetch_optional(conn)
-        .await
-        .map_err(db_error)
 }
 
 /// The reservation, locked (after its account).
