@@ -588,7 +588,7 @@ impl Points {
 
         // The clawback: the purchase's own lot first, then the other lots.
         let customer = account.customer_id;
-        let own = store::lot_of(&mut tx, merchant, customer, "earn", &r.purchase_id).await?;
+        let own = store::lot_of_purchase(&mut tx, merchant, customer, &r.purchase_id).await?;
         let spendable = store::open_lots(&mut tx, merchant, customer, true).await?;
         let pending = store::open_lots(&mut tx, merchant, customer, false).await?;
         let plan = plan_clawback(own.map(|(lot, _)| lot), &spendable, &pending, clawback);

@@ -75,10 +75,8 @@ pub async fn record(
         Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
         Ok(None) => Ok(RecordOutcome::AlreadyTaken),
         Err(error) => match violated_unique_constraint(&error).as_deref() {
-            // Whichever of the purchase's unique keys the losing copy hits first.
-            Some("purchases_pkey" | "ledger_entries_operation_key" | "point_lots_source_key") => {
-                Ok(RecordOutcome::AlreadyTaken)
-            }
+            // The purchase's only unique key (its entry and lot have none, see the statement).
+            Some("purchases_pkey") => Ok(RecordOutcome::AlreadyTaken),
             _ => Err(db_error(error)),
         },
     }

@@ -233,15 +233,24 @@ WITH spec AS (
       JOIN (SELECT n, sum(points)::bigint AS points, count(*) AS purchases,
                    max(occurred_at) AS last_at
               FROM purchase GROUP BY n) t ON t.n = c.n
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, c.id, 'earn', p.purchase_id, p.points, p.points, p.occurred_at, p.occurred_at,
+           true, NULL
+      FROM purchase p JOIN customer c ON c.n = p.n
+     WHERE p.points > 0
+ RETURNING id, source_reference
 ), purchase_row AS (
     INSERT INTO purchases (merchant_id, purchase_id, customer_id, store_id, occurred_at, currency,
                            total_minor, request_hash, points_earned, available_after,
                            pending_after, lifetime_earned_after, lifetime_redeemed_after,
-                           purchase_count_after, version_after)
+                           purchase_count_after, version_after, lot_id)
     SELECT $1, p.purchase_id, c.id, 'store-' || (p.n % 20), p.occurred_at, $5, p.total,
            sha256(convert_to(p.purchase_id, 'UTF8')), p.points, p.running, 0, p.running, 0,
-           p.k, p.k
+           p.k, p.k, l.id
       FROM purchase p JOIN customer c ON c.n = p.n
+      LEFT JOIN lot l ON l.source_reference = p.purchase_id
 ), line AS (
     INSERT INTO purchase_lines (merchant_id, purchase_id, line_no, sku, category, quantity,
                                 amount_minor)
@@ -253,13 +262,6 @@ WITH spec AS (
                                 occurred_at)
     SELECT $1, c.id, p.k, 'earn', p.points, p.purchase_id, p.occurred_at
       FROM purchase p JOIN customer c ON c.n = p.n
-), lot AS (
-    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
-                            remaining, earned_at, available_at, matured, expires_at)
-    SELECT $1, c.id, 'earn', p.purchase_id, p.points, p.points, p.occurred_at, p.occurred_at,
-           true, NULL
-      FROM purchase p JOIN customer c ON c.n = p.n
-     WHERE p.points > 0
 )
 SELECT count(*) FROM customer
 ";
@@ -283,10 +285,7 @@ WITH spendable AS (
 ), missing AS (
     SELECT p.customer_id, sum(p.points_earned)::bigint AS points
       FROM purchases p
-     WHERE p.merchant_id = $1 AND p.points_earned > 0
-       AND NOT EXISTS (SELECT 1 FROM point_lots l
-                        WHERE l.merchant_id = $1 AND l.source_kind = 'earn'
-                          AND l.source_reference = p.purchase_id)
+     WHERE p.merchant_id = $1 AND p.points_earned > 0 AND p.lot_id IS NULL
      GROUP BY p.customer_id
 )
 SELECT g.customer_id, g.points AS gap, COALESCE(m.points, 0) AS missing
@@ -298,15 +297,20 @@ SELECT g.customer_id, g.points AS gap, COALESCE(m.points, 0) AS missing
 /// The lots of the purchases of customers `$2` of merchant `$1` that have none, as the
 /// preload makes them.
 const FILL_LOTS: &str = r"
-INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
-                        remaining, earned_at, available_at, matured, expires_at)
-SELECT p.merchant_id, p.customer_id, 'earn', p.purchase_id, p.points_earned, p.points_earned,
-       p.occurred_at, p.occurred_at, true, NULL
-  FROM purchases p
- WHERE p.merchant_id = $1 AND p.customer_id = ANY($2) AND p.points_earned > 0
-   AND NOT EXISTS (SELECT 1 FROM point_lots l
-                    WHERE l.merchant_id = $1 AND l.source_kind = 'earn'
-                      AND l.source_reference = p.purchase_id)
+WITH lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT p.merchant_id, p.customer_id, 'earn', p.purchase_id, p.points_earned,
+           p.points_earned, p.occurred_at, p.occurred_at, true, NULL
+      FROM purchases p
+     WHERE p.merchant_id = $1 AND p.customer_id = ANY($2) AND p.points_earned > 0
+       AND p.lot_id IS NULL
+ RETURNING id, source_reference
+)
+UPDATE purchases p
+   SET lot_id = lot.id
+  FROM lot
+ WHERE p.merchant_id = $1 AND p.purchase_id = lot.source_reference
 ";
 
 /// Gives the customers of a merchant preloaded without lots the lots of their purchases;

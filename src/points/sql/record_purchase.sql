@@ -18,7 +18,10 @@
 -- (or the program's currency is no longer the purchase's).
 -- Two concurrent first attempts both pass the NOT EXISTS; the second then fails on the
 -- purchases primary key (SQLSTATE 23505) and the whole statement, account update included,
--- is rolled back. The unique key, not the check, is what guarantees "earns at most once".
+-- is rolled back. The unique key, not the check, is what guarantees "earns at most once": the
+-- earn entry and the lot have no unique key of their own (one index entry less each), since
+-- nothing but this statement, with its purchase row, writes them. The purchase row names its
+-- lot (lot_id), which is how a return finds it.
 --
 -- A merchant's currency can change only while it has no purchase. Until its first purchase
 -- commits, a purchase reads the program row FOR KEY SHARE (the lock a foreign key takes) and
@@ -48,13 +51,22 @@ WITH program AS (
        AND (EXISTS (SELECT 1 FROM program WHERE currency = $6)
             OR EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1))
  RETURNING available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version
+), lot AS (
+    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
+                            remaining, earned_at, available_at, matured, expires_at)
+    SELECT $1, $2, 'earn', $3, $9,
+           CASE WHEN $16 THEN greatest(0, least($9, available)) ELSE $9 END,
+           $5, $17, $16, CASE WHEN $19 THEN $18::timestamptz END
+      FROM account
+     WHERE $9 > 0
+ RETURNING id, remaining, matured, expires_at
 ), purchase AS (
     INSERT INTO purchases (merchant_id, purchase_id, customer_id, store_id, occurred_at, currency,
                            total_minor, request_hash, points_earned, available_after,
                            pending_after, lifetime_earned_after, lifetime_redeemed_after,
-                           purchase_count_after, version_after)
+                           purchase_count_after, version_after, lot_id)
     SELECT $1, $3, $2, $4, $5, $6, $7, $8, $9, available, pending, lifetime_earned,
-           lifetime_redeemed, purchase_count, version
+           lifetime_redeemed, purchase_count, version, (SELECT id FROM lot)
       FROM account
  RETURNING purchase_id
 ), lines AS (
@@ -67,15 +79,6 @@ WITH program AS (
     INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference, occurred_at)
     SELECT $1, $2, version, 'earn', $9, $3, $5
       FROM account
-), lot AS (
-    INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
-                            remaining, earned_at, available_at, matured, expires_at)
-    SELECT $1, $2, 'earn', $3, $9,
-           CASE WHEN $16 THEN greatest(0, least($9, available)) ELSE $9 END,
-           $5, $17, $16, CASE WHEN $19 THEN $18::timestamptz END
-      FROM account
-     WHERE $9 > 0
- RETURNING remaining, matured, expires_at
 ), extended AS (
     UPDATE point_lots
        SET expires_at = greatest(expires_at, $18)

@@ -106,24 +106,24 @@ pub async fn open_lots(
         .collect())
 }
 
-/// The lot a credit created (an earn's lot is found by its purchase id).
-pub async fn lot_of(
+/// The lot purchase `purchase_id` of `customer_id` earned, if it earned any points.
+pub async fn lot_of_purchase(
     conn: &mut PgConnection,
     merchant: MerchantId,
     customer_id: i64,
-    source_kind: &str,
-    source_reference: &str,
+    purchase_id: &str,
 ) -> Result<Option<(OpenLot, bool)>, Error> {
     let row: Option<(i64, i64, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
-        "SELECT id, remaining, expires_at, matured
-           FROM point_lots
-          WHERE merchant_id = $1 AND customer_id = $2 AND source_kind = $3
-            AND source_reference = $4",
+        "SELECT l.id, l.remaining, l.expires_at, l.matured
+           FROM purchases p
+           JOIN point_lots l
+             ON l.merchant_id = p.merchant_id AND l.customer_id = p.customer_id
+            AND l.id = p.lot_id
+          WHERE p.merchant_id = $1 AND p.purchase_id = $3 AND p.customer_id = $2",
     )
     .bind(merchant.0)
     .bind(customer_id)
-    .bind(source_kind)
-    .bind(source_reference)
+    .bind(purchase_id)
     .fetch_optional(conn)
     .await
     .map_err(db_error)?;

@@ -248,17 +248,22 @@ struct PurchaseRow {
     spent_on_it: i64,
 }
 
+// The earn entries are matched to purchases in one hash join: they have no index by
+// reference (the purchase's primary key is what keeps them unique, see record_purchase.sql).
 const PURCHASES: &str = "
+WITH earn AS (
+    SELECT p.purchase_id, count(*) AS entries, sum(e.points)::bigint AS points,
+           count(*) FILTER (WHERE e.customer_id <> p.customer_id) AS other_customer
+      FROM ledger_entries e
+      JOIN purchases p ON p.merchant_id = e.merchant_id AND p.purchase_id = e.reference
+     WHERE e.merchant_id = $1 AND e.kind = 'earn'
+     GROUP BY p.purchase_id
+)
 SELECT p.purchase_id, c.external_id, p.points_earned, p.version_after, p.total_minor,
        p.returned_minor, p.points_clawed_back, p.redeemed_refunded,
-       (SELECT count(*) FROM ledger_entries e WHERE e.merchant_id = p.merchant_id
-           AND e.kind = 'earn' AND e.reference = p.purchase_id) AS earn_entries,
-       (SELECT COALESCE(sum(e.points), 0)::bigint FROM ledger_entries e
-         WHERE e.merchant_id = p.merchant_id AND e.kind = 'earn'
-           AND e.reference = p.purchase_id) AS earn_points,
-       (SELECT count(*) FROM ledger_entries e WHERE e.merchant_id = p.merchant_id
-           AND e.kind = 'earn' AND e.reference = p.purchase_id
-           AND e.customer_id <> p.customer_id) AS earn_other_customer,
+       COALESCE(earn.entries, 0)::bigint AS earn_entries,
+       COALESCE(earn.points, 0)::bigint AS earn_points,
+       COALESCE(earn.other_customer, 0)::bigint AS earn_other_customer,
        (SELECT count(*) FROM purchase_lines l WHERE l.merchant_id = p.merchant_id
            AND l.purchase_id = p.purchase_id) AS lines,
        (SELECT COALESCE(sum(l.amount_minor), 0)::bigint FROM purchase_lines l
@@ -288,6 +293,7 @@ SELECT p.purchase_id, c.external_id, p.points_earned, p.version_after, p.total_m
               AND x.status = 'committed'))::bigint AS spent_on_it
   FROM purchases p
   JOIN customers c ON c.merchant_id = p.merchant_id AND c.id = p.customer_id
+  LEFT JOIN earn ON earn.purchase_id = p.purchase_id
  WHERE p.merchant_id = $1";
 
 /// Purchases against their EARN entries, lines, returns and what the clients were told.
