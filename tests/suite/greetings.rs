@@ -463,7 +463,7 @@ async fn jobs_run_twice_and_at_once_make_one_greeting_one_gift_and_one_bonus() {
     assert!(
         greetings
             .iter()
-            .all(|g| g.bonus_points == 150 && g.gift_code.len() == 17)
+            .all(|g| g.bonus_points == 150 && g.gift_code.len() == 21)
     );
     let codes: HashSet<&str> = greetings.iter().map(|g| g.gift_code.as_str()).collect();
     assert_eq!(codes.len(), CUSTOMERS);
