@@ -39,7 +39,7 @@ use crate::platform::service::{Access, Declaration, Method, MethodTable, Service
 use crate::platform::store::Store;
 use crate::programs::ProgramCache;
 use crate::telemetry::Metrics;
-use crate::{jobs, members, pb, points, programs};
+use crate::{engagement, jobs, members, pb, points, programs};
 
 /// HTTP/2 flow-control windows: the request bytes a connection may send before the server
 /// reads them (hyper's defaults, set here because the memory bound in RELIABILITY.md rests on
@@ -54,6 +54,7 @@ fn loyalty_services(parts: &Parts, program_cache: &ProgramCache) -> Vec<Service>
         points::service(parts, program_cache),
         members::service(parts, program_cache),
         programs::service(parts, program_cache),
+        engagement::service(parts),
     ]
 }
 
@@ -206,6 +207,11 @@ impl Application {
         crate::points::Points::new(&self.parts, &self.program_cache)
     }
 
+    /// The greeting use cases, the job's pass included (tests run passes by hand).
+    pub fn greetings(&self) -> crate::greetings::Greetings {
+        crate::greetings::Greetings::new(&self.parts)
+    }
+
     /// The cache's publisher and repairer (tests run a repair pass by hand).
     pub fn publisher(&self) -> &Publisher {
         &self.parts.publisher
@@ -261,6 +267,10 @@ impl Application {
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
             background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
+        }
+        if let Some(interval) = config.greeting_interval {
+            let greetings = crate::greetings::Greetings::new(&parts);
+            background.push(jobs::greetings(greetings, interval, stop_rx.clone()));
         }
 
         if let Some(listener) = metrics_listener {

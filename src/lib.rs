@@ -14,6 +14,7 @@ pub mod access;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod engagement;
 pub mod error;
 pub mod gifts;
 pub mod greetings;

@@ -10,6 +10,7 @@ mod checkout;
 mod customer_tokens;
 mod exhaustion;
 mod gifts;
+mod greetings;
 mod lifecycle;
 mod members;
 mod program;

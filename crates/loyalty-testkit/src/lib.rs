@@ -274,6 +274,7 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 pub type CheckoutClient = pb::checkout_service_client::CheckoutServiceClient<Authed>;
 pub type MemberClient = pb::member_service_client::MemberServiceClient<Authed>;
 pub type ProgramClient = pb::program_service_client::ProgramServiceClient<Authed>;
+pub type EngagementClient = pb::engagement_service_client::EngagementServiceClient<Authed>;
 
 /// A merchant of the test server with its admin key.
 #[derive(Clone)]
@@ -313,6 +314,9 @@ pub struct Options {
     /// The background points sweep; `None` (the default) leaves it to the test, which runs
     /// passes by hand through `TestApp::points`.
     pub sweep_interval: Option<Duration>,
+    /// The background greeting job; `None` (the default) leaves it to the test, which runs
+    /// passes by hand through `TestApp::greetings`.
+    pub greeting_interval: Option<Duration>,
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
     pub db_acquire_timeout: Duration,
@@ -371,6 +375,7 @@ impl Default for Options {
             cache_timeout: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             sweep_interval: None,
+            greeting_interval: None,
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
@@ -432,6 +437,8 @@ pub struct TestApp {
     pub store: Store,
     /// The server's points use cases (a test runs sweep passes by hand).
     pub points: loyalty::points::Points,
+    /// The server's greeting use cases (a test runs job passes by hand).
+    pub greetings: loyalty::greetings::Greetings,
     pub pool: PgPool,
     pub key_prefix: String,
     stop: Option<oneshot::Sender<()>>,
@@ -497,6 +504,7 @@ impl TestApp {
             max_message_bytes: options.max_message_bytes,
             health_interval: options.health_interval,
             sweep_interval: options.sweep_interval,
+            greeting_interval: options.greeting_interval,
             shutdown_grace: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
             migrate: true,
@@ -516,6 +524,7 @@ impl TestApp {
         let metrics = app.metrics().clone();
         let store = app.store().clone();
         let points = app.points();
+        let greetings = app.greetings();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -530,6 +539,7 @@ impl TestApp {
             metrics,
             store,
             points,
+            greetings,
             pool,
             key_prefix,
             stop: Some(stop),
@@ -661,6 +671,13 @@ impl TestApp {
 
     pub async fn program(&self, key: &str) -> ProgramClient {
         pb::program_service_client::ProgramServiceClient::with_interceptor(
+            self.channel().await,
+            Self::bearer(key),
+        )
+    }
+
+    pub async fn engagement(&self, key: &str) -> EngagementClient {
+        pb::engagement_service_client::EngagementServiceClient::with_interceptor(
             self.channel().await,
             Self::bearer(key),
         )
