@@ -24,11 +24,6 @@ CREATE TABLE event_merchant_horizons (
     pruned_through bigint NOT NULL
 );
 
--- How many days before a lot's expiry its customer is warned (points_expiring).
-ALTER TABLE programs
-    ADD COLUMN expiry_warning_days smallint NOT NULL DEFAULT 7
-        CHECK (expiry_warning_days BETWEEN 1 AND 365);
-
 -- The lots already warned about, once per lot and expiry instant (a purchase that pushes an
 -- open lot's expiry back, under MONTHS_WITHOUT_PURCHASE, makes it due for a warning again,
 -- for its new date). The primary key makes the warning exactly-once across replicas.

@@ -1,5 +1,6 @@
 -- Writes one points_expiring event per lot due for a warning: spendable points left, expiring
--- within the program's expiry_warning_days from now and not warned about yet for that expiry.
+-- within the program's expiry_warning_days from now (in its lifecycle JSON; 7 when a program
+-- stored before the setting existed has none) and not warned about yet for that expiry.
 -- The warning's row and its event are written in this one statement. Replicas split the work
 -- (SKIP LOCKED on the lots); the primary key of lot_expiry_warnings makes a warning
 -- exactly-once even so (ON CONFLICT: a lot another replica warned about writes nothing).
@@ -11,7 +12,7 @@ WITH due AS (
       JOIN programs p ON p.merchant_id = l.merchant_id
      WHERE l.matured AND l.remaining > 0 AND l.expires_at IS NOT NULL
        AND l.expires_at > $1
-       AND l.expires_at <= $1 + make_interval(days => p.expiry_warning_days)
+       AND l.expires_at <= $1 + make_interval(days => coalesce((p.lifecycle ->> 'expiry_warning_days')::int, 7))
        AND NOT EXISTS (SELECT 1 FROM lot_expiry_warnings w
                         WHERE w.merchant_id = l.merchant_id AND w.lot_id = l.id
                           AND w.expires_at = l.expires_at)
