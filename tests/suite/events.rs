@@ -395,10 +395,44 @@ async fn watch_events_checks_its_arguments_and_its_scope() {
 /// exactly once, in strictly increasing cursor order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice_while_writers_commit() {
-    let app = TestApp::spawn().await;
+    // A sequencer numbering every 2 ms: batches land inside the seam between a watcher's
+    // subscription and its replay, where a repeat or a gap would show.
+    let app = TestApp::spawn_with(Options {
+        events: loyalty::events::EventsConfig {
+            poll_interval: Duration::from_millis(2),
+            prune_interval: None,
+            warning_interval: None,
+            ..loyalty::events::EventsConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let (_merchant, pos, scheduler) = shop(&app).await;
     const WRITERS: usize = 8;
     const EACH: usize = 25;
+    // Watchers that join one after another while the writers commit, and stay to the end.
+    let mut stayers = Vec::new();
+    for s in 0..8u64 {
+        let mut client = app.engagement(&scheduler).await;
+        stayers.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(15 * s)).await;
+            let mut stream = client
+                .watch_events(pb::WatchEventsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            let mut seen = Vec::new();
+            let mut last = 0;
+            while seen.len() < WRITERS * EACH {
+                let event = next(&mut stream).await;
+                assert!(position(&event) > last, "out of order or repeated");
+                last = position(&event);
+                seen.push(details(&event)["purchase_id"].as_str().unwrap().to_string());
+            }
+            quiet(&mut stream, Duration::from_millis(300)).await;
+            seen
+        }));
+    }
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let mut checkout = app.checkout(&pos).await;
@@ -445,6 +479,11 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice_while_w
         .collect();
     assert_eq!(unique.into_iter().cloned().collect::<BTreeSet<_>>(), expected);
     assert!(reconnects > 10);
+    for stayer in stayers {
+        let seen = stayer.await.unwrap();
+        let unique: BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique, expected, "a watcher that stayed saw each purchase once");
+    }
     // And nothing after the last one.
     let mut stream = watch(&app, &scheduler, &cursor, &[]).await;
     quiet(&mut stream, Duration::from_millis(300)).await;
