@@ -477,12 +477,18 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice_while_w
     let expected: BTreeSet<String> = (0..WRITERS)
         .flat_map(|w| (0..EACH).map(move |i| format!("w{w}-{i}")))
         .collect();
-    assert_eq!(unique.into_iter().cloned().collect::<BTreeSet<_>>(), expected);
+    assert_eq!(
+        unique.into_iter().cloned().collect::<BTreeSet<_>>(),
+        expected
+    );
     assert!(reconnects > 10);
     for stayer in stayers {
         let seen = stayer.await.unwrap();
         let unique: BTreeSet<String> = seen.iter().cloned().collect();
-        assert_eq!(unique, expected, "a watcher that stayed saw each purchase once");
+        assert_eq!(
+            unique, expected,
+            "a watcher that stayed saw each purchase once"
+        );
     }
     // And nothing after the last one.
     let mut stream = watch(&app, &scheduler, &cursor, &[]).await;
@@ -536,7 +542,10 @@ async fn an_event_committed_late_is_streamed_after_what_was_streamed_never_skipp
     let late = next(&mut live).await;
     assert_eq!(kind(&late), pb::EventType::GreetingDue);
     assert!(position(&late) > position(&fast));
-    assert_eq!(late.balance, None, "an event about no customer has no balance");
+    assert_eq!(
+        late.balance, None,
+        "an event about no customer has no balance"
+    );
     assert_eq!(late.external_id, "");
     assert_eq!(next(&mut resumed).await, late);
     quiet(&mut live, Duration::from_millis(300)).await;
@@ -590,7 +599,10 @@ async fn a_cursor_older_than_the_retention_is_out_of_range_never_skipped() {
 
     clock.advance(Duration::from_secs(169 * 3600));
     let pruned = app.events.prune(2).await.unwrap();
-    assert_eq!(pruned.deleted, 4, "the old events of both merchants, in batches of 2");
+    assert_eq!(
+        pruned.deleted, 4,
+        "the old events of both merchants, in batches of 2"
+    );
 
     let status = try_watch(&app, &scheduler, &first.cursor, &[])
         .await
