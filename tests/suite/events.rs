@@ -784,3 +784,50 @@ async fn two_replicas_stream_every_event_once_in_the_same_order() {
     pool.close().await;
     db.drop_database().await;
 }
+
+/// A watcher that stops reading while ten thousand events arrive falls further behind than
+/// the shared reader's broadcast holds (the events are large, so that HTTP/2 flow control
+/// stops the server's sending after a thousand or so); it then reads them from the database
+/// from its own cursor: every one, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_lags_behind_the_broadcast_reads_the_rest_from_the_database() {
+    let app = TestApp::spawn().await;
+    let (merchant, _pos, scheduler) = shop(&app).await;
+    let mut stream = watch(&app, &scheduler, "", &[]).await;
+    quiet(&mut stream, Duration::from_millis(100)).await;
+    const N: i64 = 10_000;
+    assert!(N as usize > 2 * loyalty::events::hub::CAPACITY);
+    sqlx::query(
+        "INSERT INTO events (merchant_id, kind, details)
+         SELECT $1, 'greeting_due', jsonb_build_object('n', n, 'pad', repeat('x', 2000))
+           FROM generate_series(1, $2) AS n",
+    )
+    .bind(merchant.id.0)
+    .bind(N)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Numbered and broadcast while the watcher does not read.
+    for _ in 0..200 {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE position IS NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut last = 0;
+    let mut seen = BTreeSet::new();
+    for _ in 0..N {
+        let event = next(&mut stream).await;
+        assert!(position(&event) > last, "out of order or repeated");
+        last = position(&event);
+        assert!(seen.insert(details(&event)["n"].as_i64().unwrap()));
+    }
+    assert_eq!(seen, (1..=N).collect::<BTreeSet<_>>());
+    quiet(&mut stream, Duration::from_millis(300)).await;
+    app.stop().await;
+}
