@@ -110,8 +110,9 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
     let app = TestApp::spawn().await;
     let (merchant, pos, scheduler) = shop(&app).await;
     let mut checkout = app.checkout(&pos).await;
+    let receipt = purchase("card-1", "r-1", 10_000);
     let bought = checkout
-        .record_purchase(purchase("card-1", "r-1", 10_000))
+        .record_purchase(receipt.clone())
         .await
         .unwrap()
         .into_inner();
@@ -256,11 +257,8 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
         );
     }
 
-    // A replay of the same key writes nothing new.
-    checkout
-        .record_purchase(purchase("card-1", "r-1", 10_000))
-        .await
-        .unwrap();
+    // A replay of the same request writes nothing new.
+    checkout.record_purchase(receipt).await.unwrap();
     quiet(&mut stream, Duration::from_millis(400)).await;
 
     // Resuming from a cursor gives exactly what followed it.
@@ -828,6 +826,53 @@ async fn a_watcher_that_lags_behind_the_broadcast_reads_the_rest_from_the_databa
         assert!(seen.insert(details(&event)["n"].as_i64().unwrap()));
     }
     assert_eq!(seen, (1..=N).collect::<BTreeSet<_>>());
+    quiet(&mut stream, Duration::from_millis(300)).await;
+    app.stop().await;
+}
+
+/// A gift claimed with points: its gift_issued event carries the balance after the price
+/// (the claim's account write comes before its grant's statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gift_claimed_with_points_is_issued_with_the_balance_after_its_price() {
+    let app = TestApp::spawn().await;
+    let (merchant, pos, scheduler) = shop(&app).await;
+    app.checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 10_000))
+        .await
+        .unwrap();
+    app.program(&merchant.admin_key)
+        .await
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(pb::Gift {
+                gift_id: "tote".into(),
+                name: "Tote bag".into(),
+                kind: pb::GiftKind::Item as i32,
+                points_price: Some(60),
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut stream = watch(&app, &scheduler, "", &[pb::EventType::GiftIssued]).await;
+    let claimed = app
+        .member(&pos)
+        .await
+        .claim_gift(pb::ClaimGiftRequest {
+            external_id: "card-1".into(),
+            gift_id: "tote".into(),
+            claim_key: "claim-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let issued = next(&mut stream).await;
+    assert_eq!(details(&issued)["source"], "points");
+    assert_eq!(details(&issued)["gift_id"], "tote");
+    assert_eq!(issued.balance, claimed.balance);
+    assert_eq!(issued.balance.unwrap().available, 100 - 60);
     quiet(&mut stream, Duration::from_millis(300)).await;
     app.stop().await;
 }
