@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod engagement;
 pub mod error;
+pub mod events;
 pub mod gifts;
 pub mod greetings;
 pub mod jobs;

@@ -1,9 +1,11 @@
-//! `EngagementService`: for the merchant's internal services (scope scheduler, and admin).
-//! Greeting senders list upcoming occasions, claim due greetings under a lease and acknowledge
-//! them (the greetings feature's use cases); event consumers follow `WatchEvents`.
+//! `EngagementService`: what the merchant's internal services call (greeting senders and event
+//! consumers), scope scheduler (and admin). The service delegates to the use cases of the
+//! features behind it: greetings (list upcoming occasions, claim due greetings under a lease,
+//! acknowledge them) and events (`WatchEvents`).
 
 mod grpc;
 
+use crate::events::{Events, EventsConfig, Hub};
 use crate::greetings::Greetings;
 use crate::pb::engagement_service_server::{EngagementServiceServer, SERVICE_NAME};
 use crate::platform::Parts;
@@ -19,9 +21,10 @@ pub const DECLARATION: Declaration = Declaration {
     ],
 };
 
-/// `EngagementService`, ready to register.
-pub fn service(parts: &Parts) -> Service {
+/// `EngagementService`, ready to register; its watchers share the process's reader `hub`.
+pub fn service(parts: &Parts, hub: &Hub, events: &EventsConfig) -> Service {
     let api = grpc::EngagementApi {
+        events: Events::new(parts, hub, events),
         greetings: Greetings::new(parts),
     };
     Service::new(

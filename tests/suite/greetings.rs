@@ -744,11 +744,13 @@ async fn scopes_validation_and_tenancy() {
         .await
         .unwrap();
     assert_eq!(status, "leased", "the other merchant's ack changed nothing");
-    let unimplemented = engagement
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(unimplemented.code(), Code::Unimplemented);
+    // The same scheduler key may follow the merchant's events on the same service.
+    assert!(
+        engagement
+            .watch_events(pb::WatchEventsRequest::default())
+            .await
+            .is_ok()
+    );
     rig.app.stop().await;
 }
 

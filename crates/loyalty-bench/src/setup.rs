@@ -615,11 +615,17 @@ mod tests {
             return;
         };
         let merchant = bench_merchant(&store, 120, 100).await.unwrap();
-        // What an older preload left: the first 50 customers' purchases without lots.
+        // What an older preload left: the first 50 customers' purchases without lots (and so,
+        // once migrated, without a lot_id).
         sqlx::query(
-            "DELETE FROM point_lots l USING customers c
-              WHERE l.merchant_id = $1 AND c.merchant_id = l.merchant_id
-                AND c.id = l.customer_id AND c.external_id::bigint <= 50",
+            "WITH gone AS (
+                 DELETE FROM point_lots l USING customers c
+                  WHERE l.merchant_id = $1 AND c.merchant_id = l.merchant_id
+                    AND c.id = l.customer_id AND c.external_id::bigint <= 50
+              RETURNING l.id
+             )
+             UPDATE purchases SET lot_id = NULL
+              WHERE merchant_id = $1 AND lot_id IN (SELECT id FROM gone)",
         )
         .bind(merchant.id.0)
         .execute(store.pool())

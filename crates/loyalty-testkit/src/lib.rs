@@ -314,6 +314,10 @@ pub struct Options {
     /// The background points sweep; `None` (the default) leaves it to the test, which runs
     /// passes by hand through `TestApp::points`.
     pub sweep_interval: Option<Duration>,
+    /// The event stream's settings. By default the sequencer runs (every 20 ms) and pruning
+    /// and expiry warnings are left to the test, which runs passes by hand through
+    /// `TestApp::events`.
+    pub events: loyalty::events::EventsConfig,
     /// The background greeting job; `None` (the default) leaves it to the test, which runs
     /// passes by hand through `TestApp::greetings`.
     pub greeting_interval: Option<Duration>,
@@ -375,6 +379,11 @@ impl Default for Options {
             cache_timeout: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             sweep_interval: None,
+            events: loyalty::events::EventsConfig {
+                prune_interval: None,
+                warning_interval: None,
+                ..loyalty::events::EventsConfig::default()
+            },
             greeting_interval: None,
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
@@ -437,6 +446,8 @@ pub struct TestApp {
     pub store: Store,
     /// The server's points use cases (a test runs sweep passes by hand).
     pub points: loyalty::points::Points,
+    /// The server's event use cases (a test runs pruning and warning passes by hand).
+    pub events: loyalty::events::Events,
     /// The server's greeting use cases (a test runs job passes by hand).
     pub greetings: loyalty::greetings::Greetings,
     pub pool: PgPool,
@@ -504,6 +515,7 @@ impl TestApp {
             max_message_bytes: options.max_message_bytes,
             health_interval: options.health_interval,
             sweep_interval: options.sweep_interval,
+            events: options.events,
             greeting_interval: options.greeting_interval,
             shutdown_grace: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
@@ -524,6 +536,7 @@ impl TestApp {
         let metrics = app.metrics().clone();
         let store = app.store().clone();
         let points = app.points();
+        let events = app.events();
         let greetings = app.greetings();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until(async move {
@@ -539,6 +552,7 @@ impl TestApp {
             metrics,
             store,
             points,
+            events,
             greetings,
             pool,
             key_prefix,
