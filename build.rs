@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/loyalty/v1/checkout.proto",
     "proto/loyalty/v1/member.proto",
     "proto/loyalty/v1/program.proto",
+    "proto/loyalty/v1/engagement.proto",
 ];
 
 /// Messages that carry personal contact data or a credential get a hand-written, redacting
@@ -22,6 +23,10 @@ const CONTACT_DATA_MESSAGES: &[&str] = &[
     "loyalty.v1.RedeemGiftRequest",
     "loyalty.v1.ListCustomerGiftsRequest",
     "loyalty.v1.ListCustomerGiftsResponse",
+    // Greetings carry names, contact addresses, gift codes and lease tokens.
+    "loyalty.v1.Greeting",
+    "loyalty.v1.ContactPoint",
+    "loyalty.v1.UpcomingOccasion",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

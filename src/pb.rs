@@ -108,6 +108,46 @@ impl fmt::Debug for ListCustomerGiftsResponse {
     }
 }
 
+/// A greeting names its customer, their addresses, maybe a gift code, and the lease token.
+impl fmt::Debug for Greeting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Greeting")
+            .field("greeting_id", &self.greeting_id)
+            .field("external_id", &self.external_id)
+            .field("display_name", &redacted(&self.display_name))
+            .field("occasion", &self.occasion)
+            .field("local_date", &self.local_date)
+            .field("channels", &self.channels)
+            .field("gift_code", &redacted(&self.gift_code))
+            .field("bonus_points", &self.bonus_points)
+            .field("attempts", &self.attempts)
+            .field("lease_expires_at", &self.lease_expires_at)
+            .field("lease_token", &redacted(&self.lease_token))
+            .finish()
+    }
+}
+
+impl fmt::Debug for ContactPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContactPoint")
+            .field("channel", &self.channel)
+            .field("address", &redacted(&self.address))
+            .finish()
+    }
+}
+
+impl fmt::Debug for UpcomingOccasion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpcomingOccasion")
+            .field("external_id", &self.external_id)
+            .field("display_name", &redacted(&self.display_name))
+            .field("occasion", &self.occasion)
+            .field("local_date", &self.local_date)
+            .field("starts_at", &self.starts_at)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +219,36 @@ mod tests {
             );
         }
         assert!(format!("{grant:?}").contains("free-coffee"));
+    }
+
+    #[test]
+    fn debug_output_of_greetings_never_contains_contact_data_codes_or_leases() {
+        let response = ClaimGreetingsResponse {
+            greetings: vec![Greeting {
+                greeting_id: "g-1".into(),
+                display_name: "Ada Lovelace".into(),
+                channels: vec![ContactPoint {
+                    channel: ContactChannel::Email as i32,
+                    address: "ada@example.com".into(),
+                }],
+                gift_code: "ABCDEFGHJKMNPQRST".into(),
+                lease_token: "0123456789abcdef".into(),
+                ..Default::default()
+            }],
+        };
+        let upcoming = ListUpcomingOccasionsResponse {
+            occasions: vec![UpcomingOccasion {
+                external_id: "card-1".into(),
+                display_name: "Ada Lovelace".into(),
+                ..Default::default()
+            }],
+            next_page_token: String::new(),
+        };
+        for printed in [format!("{response:?}"), format!("{upcoming:?}")] {
+            for secret in ["Ada", "ada@", "ABCDEFGH", "0123456789"] {
+                assert!(!printed.contains(secret), "{secret} leaked into {printed}");
+            }
+        }
+        assert!(format!("{response:?}").contains("g-1"));
     }
 }

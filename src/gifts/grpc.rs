@@ -286,6 +286,7 @@ pub fn grant_message(grant: &Grant, now: DateTime<Utc>) -> pb::GiftGrant {
         GrantSource::Points => pb::GiftSource::Points,
         GrantSource::Rule => pb::GiftSource::Rule,
         GrantSource::Manual => pb::GiftSource::Manual,
+        GrantSource::Birthday => pb::GiftSource::Birthday,
     };
     pb::GiftGrant {
         code: grant.code.display(),

@@ -254,6 +254,9 @@ pub enum GrantSource {
     Rule,
     /// `ProgramService.IssueGift`; the reference is the issue key.
     Manual,
+    /// The birthday greeting's reward; the reference is the greeting key
+    /// (`greetings::rules::GreetingKey::reference`), so one per customer and year.
+    Birthday,
 }
 
 impl GrantSource {
@@ -262,6 +265,7 @@ impl GrantSource {
             GrantSource::Points => "points",
             GrantSource::Rule => "rule",
             GrantSource::Manual => "manual",
+            GrantSource::Birthday => "birthday",
         }
     }
 
@@ -270,6 +274,7 @@ impl GrantSource {
             "points" => GrantSource::Points,
             "rule" => GrantSource::Rule,
             "manual" => GrantSource::Manual,
+            "birthday" => GrantSource::Birthday,
             _ => return None,
         })
     }

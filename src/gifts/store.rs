@@ -235,6 +235,23 @@ pub async fn try_grant(
     Err(Error::internal("no free gift code after several attempts"))
 }
 
+/// Whether the merchant's catalog has `gift_id` (active or not): a program naming a gift is
+/// checked with it.
+pub async fn gift_exists(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    gift_id: &str,
+) -> Result<bool, Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM gifts WHERE merchant_id = $1 AND gift_id = $2)",
+    )
+    .bind(merchant.0)
+    .bind(gift_id)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)
+}
+
 /// The grant that `source_reference` made as `source`, if any: how a use case tells a replay
 /// before it does anything else (ClaimGift: before it debits the points).
 pub async fn find_grant(

@@ -62,6 +62,8 @@ pub struct OccasionProgram {
     pub birthdays: bool,
     pub anniversaries: bool,
     pub holidays: Vec<Holiday>,
+    /// Granted with each birthday greeting.
+    pub birthday_reward: BirthdayReward,
 }
 
 impl Default for OccasionProgram {
@@ -70,13 +72,54 @@ impl Default for OccasionProgram {
             birthdays: true,
             anniversaries: true,
             holidays: Vec::new(),
+            birthday_reward: BirthdayReward::default(),
+        }
+    }
+}
+
+/// The most bonus points one birthday may bring.
+pub const MAX_BIRTHDAY_BONUS_POINTS: i64 = 1_000_000;
+
+/// What a birthday greeting brings: a gift of the catalog and/or bonus points, granted in the
+/// greeting's transaction, so exactly once per customer and year.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BirthdayReward {
+    /// A `gifts.gift_id` of the merchant (that it exists is checked when the program is
+    /// written; an inactive or sold-out gift is skipped on the day).
+    pub gift_id: Option<String>,
+    /// 0: none.
+    pub bonus_points: i64,
+}
+
+impl BirthdayReward {
+    pub fn is_empty(&self) -> bool {
+        self.gift_id.is_none() && self.bonus_points == 0
+    }
+
+    fn check(&self, v: &mut Violations) {
+        if let Some(gift_id) = &self.gift_id {
+            let field = "program.occasions.birthday_reward.gift_id";
+            if let Some(id) = v.check(validation::identifier(field, gift_id))
+                && id.chars().count() > 64
+            {
+                v.add(field, "must be at most 64 characters");
+            }
+        }
+        if !(0..=MAX_BIRTHDAY_BONUS_POINTS).contains(&self.bonus_points) {
+            v.add(
+                "program.occasions.birthday_reward.bonus_points",
+                format!("must be between 0 and {MAX_BIRTHDAY_BONUS_POINTS}"),
+            );
         }
     }
 }
 
 impl OccasionProgram {
-    /// Checks the holidays, naming fields of `loyalty.v1.Program` (`program.occasions.*`).
+    /// Checks the holidays and the birthday reward, naming fields of `loyalty.v1.Program`
+    /// (`program.occasions.*`).
     pub fn check(&self, v: &mut Violations) {
+        self.birthday_reward.check(v);
         if self.holidays.len() > MAX_HOLIDAYS {
             v.add(
                 "program.occasions.holidays",
@@ -405,6 +448,423 @@ pub fn greetings_due(
     found
 }
 
+impl Occasion {
+    /// The name a sender shows: "Birthday", "Enrollment anniversary", the holiday's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Occasion::Birthday => "Birthday",
+            Occasion::Anniversary => "Enrollment anniversary",
+            Occasion::Holiday { name, .. } => name,
+        }
+    }
+
+    /// The holiday's id; empty for the others.
+    pub fn holiday_id(&self) -> &str {
+        match self {
+            Occasion::Holiday { id, .. } => id,
+            _ => "",
+        }
+    }
+}
+
+impl GreetingKey {
+    /// The key as one string, `<customer_id>:<occasion>:<year>`: the source reference of the
+    /// birthday gift and of the BONUS ledger entry, unique within the merchant (holiday ids
+    /// may hold ':', but the customer id and the year at both ends keep two keys apart).
+    pub fn reference(&self) -> String {
+        format!("{}:{}:{}", self.customer_id, self.occasion, self.year)
+    }
+}
+
+/// The instant `date` begins in `time_zone` (the first local minute that exists, when a clock
+/// change skips midnight); `None` only beyond chrono's range.
+pub fn day_starts_at(time_zone: Tz, date: NaiveDate) -> Option<DateTime<Utc>> {
+    let midnight = date.and_hms_opt(0, 0, 0)?;
+    (0..=24 * 60).step_by(15).find_map(|minutes| {
+        let local = midnight.checked_add_signed(chrono::TimeDelta::minutes(minutes))?;
+        time_zone
+            .from_local_datetime(&local)
+            .earliest()
+            .map(|at| at.with_timezone(&Utc))
+    })
+}
+
+/// Local dates are at most 14 hours ahead of UTC and 12 behind: the dates that are "today"
+/// somewhere at `now`, and the `catch_up_days` before them.
+pub fn dates_somewhere(now: DateTime<Utc>, catch_up_days: u32) -> Vec<NaiveDate> {
+    let utc = now.date_naive();
+    let last = utc.succ_opt().unwrap_or(utc);
+    let first = utc
+        .checked_sub_days(Days::new(
+            1 + u64::from(catch_up_days.min(MAX_UPCOMING_DAYS)),
+        ))
+        .unwrap_or(utc);
+    first.iter_days().take_while(|d| *d <= last).collect()
+}
+
+/// The months and days a stored birthday or (UTC) enrolment date may have for an occasion on
+/// one of `dates`: each date one day either side (the enrolment's local date may differ from
+/// its UTC date by one), and 29 February wherever 28 February of a common year is among them.
+pub fn candidate_month_days(dates: &[NaiveDate]) -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for date in dates {
+        for d in [date.pred_opt(), Some(*date), date.succ_opt()]
+            .into_iter()
+            .flatten()
+        {
+            found.push((d.month(), d.day()));
+            if d.month() == 2 && d.day() == 28 && NaiveDate::from_ymd_opt(d.year(), 2, 29).is_none()
+            {
+                found.push((2, 29));
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Whether one of the program's holidays falls on one of `dates` (then every consenting
+/// customer is a candidate).
+pub fn holiday_among(program: &OccasionProgram, dates: &[NaiveDate]) -> bool {
+    program.holidays.iter().any(|holiday| {
+        dates.iter().any(|date| match holiday.date {
+            HolidayDate::Yearly { month, day } => {
+                yearly_date(month, day, date.year()) == Some(*date)
+            }
+            HolidayDate::Once { date: once } => once == *date,
+        })
+    })
+}
+
+/// Whether the program greets anything at all.
+pub fn greets_anything(program: &OccasionProgram) -> bool {
+    program.birthdays || program.anniversaries || !program.holidays.is_empty()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-out and acknowledgement
+
+/// Claim limits: `limit` 1..500 (0 means 50), `lease_seconds` 1..3600 (0 means 300).
+pub const DEFAULT_CLAIM_LIMIT: u32 = 50;
+pub const MAX_CLAIM_LIMIT: u32 = 500;
+pub const DEFAULT_LEASE_SECONDS: u32 = 300;
+pub const MAX_LEASE_SECONDS: u32 = 3600;
+
+/// A validated ClaimGreetings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub limit: u32,
+    pub lease_seconds: u32,
+}
+
+impl ClaimRequest {
+    pub fn parse(
+        limit: u32,
+        lease_seconds: u32,
+    ) -> Result<ClaimRequest, crate::platform::validation::Invalid> {
+        let mut v = Violations::default();
+        let limit = match limit {
+            0 => DEFAULT_CLAIM_LIMIT,
+            n if n <= MAX_CLAIM_LIMIT => n,
+            _ => {
+                v.add("limit", format!("must be at most {MAX_CLAIM_LIMIT}"));
+                0
+            }
+        };
+        let lease_seconds = match lease_seconds {
+            0 => DEFAULT_LEASE_SECONDS,
+            n if n <= MAX_LEASE_SECONDS => n,
+            _ => {
+                v.add(
+                    "lease_seconds",
+                    format!("must be at most {MAX_LEASE_SECONDS}"),
+                );
+                0
+            }
+        };
+        v.finish()?;
+        Ok(ClaimRequest {
+            limit,
+            lease_seconds,
+        })
+    }
+}
+
+/// A sender's outcome for a greeting it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Sent,
+    FailedPermanently,
+    RetryLater,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::FailedPermanently => "failed_permanently",
+            Outcome::RetryLater => "retry_later",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Outcome> {
+        [
+            Outcome::Sent,
+            Outcome::FailedPermanently,
+            Outcome::RetryLater,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == value)
+    }
+
+    /// The greeting's status after this outcome.
+    pub fn status(self) -> GreetingStatus {
+        match self {
+            Outcome::Sent => GreetingStatus::Sent,
+            Outcome::FailedPermanently => GreetingStatus::Failed,
+            Outcome::RetryLater => GreetingStatus::RetryLater,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GreetingStatus {
+    Due,
+    Leased,
+    RetryLater,
+    Sent,
+    Failed,
+}
+
+impl GreetingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GreetingStatus::Due => "due",
+            GreetingStatus::Leased => "leased",
+            GreetingStatus::RetryLater => "retry_later",
+            GreetingStatus::Sent => "sent",
+            GreetingStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<GreetingStatus> {
+        [
+            GreetingStatus::Due,
+            GreetingStatus::Leased,
+            GreetingStatus::RetryLater,
+            GreetingStatus::Sent,
+            GreetingStatus::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+}
+
+/// What a greeting is when an ack arrives (read under its row lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    pub status: GreetingStatus,
+    /// The current lease's token (only while leased).
+    pub lease_token: Option<String>,
+    /// The ack that ended the last lease.
+    pub acked: Option<(String, Outcome)>,
+    /// Hand-outs so far.
+    pub attempts: u32,
+}
+
+/// What to do with an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckVerdict {
+    /// The current lease holder's outcome: apply it.
+    Apply(Outcome),
+    /// The very ack that ended the last lease, again: answer OK, change nothing.
+    Replay,
+    /// That lease's ack came with another outcome: refused, nothing changes.
+    Conflict(Outcome),
+    /// Not the current lease (it expired and the greeting was handed out again, or the token
+    /// is unknown): refused, nothing changes.
+    Stale,
+}
+
+/// Only the current lease's token counts (even after its lease ran out, as long as nobody
+/// was handed the greeting since); a replay of the ack that ended a lease answers the same.
+pub fn judge_ack(state: &LeaseState, lease_token: &str, outcome: Outcome) -> AckVerdict {
+    if state.status == GreetingStatus::Leased && state.lease_token.as_deref() == Some(lease_token) {
+        return AckVerdict::Apply(outcome);
+    }
+    match &state.acked {
+        Some((token, earlier)) if token == lease_token => {
+            if *earlier == outcome {
+                AckVerdict::Replay
+            } else {
+                AckVerdict::Conflict(*earlier)
+            }
+        }
+        _ => AckVerdict::Stale,
+    }
+}
+
+/// The back-off before a greeting the sender asked to retry is offered again: one minute after
+/// the first hand-out, doubling with each, at most six hours.
+pub fn retry_delay(attempts: u32) -> chrono::TimeDelta {
+    let minutes = 1i64 << attempts.saturating_sub(1).min(9);
+    chrono::TimeDelta::minutes(minutes.min(6 * 60))
+}
+
+// ---------------------------------------------------------------------------------------------
+// ListUpcomingOccasions
+
+pub const DEFAULT_UPCOMING_DAYS: u32 = 30;
+pub const DEFAULT_UPCOMING_PAGE: u32 = 100;
+pub const MAX_UPCOMING_PAGE: u32 = 500;
+
+/// Where a page of upcoming occasions starts: after this (start of the local day, external id,
+/// occasion key), in a window fixed by the first request.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UpcomingCursor {
+    pub starts_at: DateTime<Utc>,
+    pub external_id: String,
+    pub occasion: String,
+}
+
+/// A page token: the window and the last entry of the page before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpcomingToken {
+    pub from: DateTime<Utc>,
+    pub days: u32,
+    pub after: UpcomingCursor,
+}
+
+/// A validated ListUpcomingOccasions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpcomingRequest {
+    pub from: DateTime<Utc>,
+    pub days: u32,
+    pub page_size: u32,
+    pub after: Option<UpcomingCursor>,
+}
+
+impl UpcomingRequest {
+    /// `from` (unset: `now`), `days` (0: 30), `page_size` (0: 100), `page_token` (it carries
+    /// the window of the first page, which then wins).
+    pub fn parse(
+        from: Option<DateTime<Utc>>,
+        days: u32,
+        page_size: u32,
+        page_token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<UpcomingRequest, crate::platform::validation::Invalid> {
+        let mut v = Violations::default();
+        let days = match days {
+            0 => DEFAULT_UPCOMING_DAYS,
+            n => v.check(upcoming_days("days", n)).unwrap_or(0),
+        };
+        let page_size = match page_size {
+            0 => DEFAULT_UPCOMING_PAGE,
+            n if n <= MAX_UPCOMING_PAGE => n,
+            _ => {
+                v.add("page_size", format!("must be at most {MAX_UPCOMING_PAGE}"));
+                0
+            }
+        };
+        let token = if page_token.is_empty() {
+            None
+        } else {
+            let decoded = decode_token(page_token);
+            if decoded.is_none() {
+                v.add("page_token", "is not a token of this listing");
+            }
+            decoded
+        };
+        v.finish()?;
+        Ok(match token {
+            Some(token) => UpcomingRequest {
+                from: token.from,
+                days: token.days,
+                page_size,
+                after: Some(token.after),
+            },
+            None => UpcomingRequest {
+                from: from.unwrap_or(now),
+                days,
+                page_size,
+                after: None,
+            },
+        })
+    }
+}
+
+const TOKEN_PREFIX: &str = "upcoming.v1.";
+
+pub fn encode_token(token: &UpcomingToken) -> String {
+    use base64::Engine;
+    let json = serde_json::to_vec(token).unwrap_or_default();
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    )
+}
+
+fn decode_token(value: &str) -> Option<UpcomingToken> {
+    use base64::Engine;
+    let body = value.strip_prefix(TOKEN_PREFIX)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .ok()?;
+    let token: UpcomingToken = serde_json::from_slice(&json).ok()?;
+    upcoming_days("days", token.days).ok()?;
+    Some(token)
+}
+
+/// One customer's upcoming occasion, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upcoming {
+    pub cursor: UpcomingCursor,
+    pub occurrence: Occurrence,
+}
+
+/// The customer's entries of the window, with their sort key (soonest local day start first,
+/// then external id, then occasion key).
+pub fn upcoming_entries(
+    program: &OccasionProgram,
+    customer: &CustomerOccasions,
+    external_id: &str,
+    from: DateTime<Utc>,
+    days: u32,
+) -> Vec<Upcoming> {
+    upcoming(program, customer, from, days)
+        .into_iter()
+        .filter_map(|occurrence| {
+            let starts_at = day_starts_at(customer.time_zone, occurrence.date)?;
+            Some(Upcoming {
+                cursor: UpcomingCursor {
+                    starts_at,
+                    external_id: external_id.to_string(),
+                    occasion: occurrence.occasion.key(),
+                },
+                occurrence,
+            })
+        })
+        .collect()
+}
+
+/// Keeps the first `limit` entries after `after` among `page` and `more` (a page built up
+/// over batches of customers), sorted.
+pub fn merge_page(
+    page: &mut Vec<Upcoming>,
+    more: Vec<Upcoming>,
+    after: Option<&UpcomingCursor>,
+    limit: usize,
+) {
+    page.extend(
+        more.into_iter()
+            .filter(|entry| after.is_none_or(|after| entry.cursor > *after)),
+    );
+    page.sort_by(|a, b| a.cursor.cmp(&b.cursor));
+    page.truncate(limit);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +908,16 @@ mod tests {
         }
     }
 
+    fn reward(gift_id: Option<&str>, bonus_points: i64) -> OccasionProgram {
+        OccasionProgram {
+            birthday_reward: BirthdayReward {
+                gift_id: gift_id.map(str::to_string),
+                bonus_points,
+            },
+            ..OccasionProgram::default()
+        }
+    }
+
     fn keys(found: &[Occurrence]) -> Vec<(String, NaiveDate)> {
         found.iter().map(|o| (o.occasion.key(), o.date)).collect()
     }
@@ -466,6 +936,10 @@ mod tests {
         let program = OccasionProgram {
             birthdays: false,
             anniversaries: true,
+            birthday_reward: BirthdayReward {
+                gift_id: Some("cake".into()),
+                bonus_points: 100,
+            },
             holidays: vec![
                 new_year(),
                 Holiday {
@@ -748,6 +1222,7 @@ mod tests {
             birthdays: false,
             anniversaries: false,
             holidays: vec![],
+            birthday_reward: BirthdayReward::default(),
         };
         assert!(occasions_in_year(&quiet, &c, 2026).is_empty());
     }

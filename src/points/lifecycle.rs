@@ -35,7 +35,7 @@ use crate::points::rules::requests::{
     Adjustment, Claim, Hold, Redemption, ReturnRequest, Returned,
 };
 use crate::points::store::lifecycle::{
-    self as store, AccountChange, Entry, LockedAccount, OperationTable, ReservationRow, Stored,
+    self as store, AccountChange, Entry, OperationTable, ReservationRow, Stored,
 };
 use crate::programs;
 use crate::programs::lifecycle::ReturnPolicy;
@@ -197,6 +197,73 @@ fn all_taken(taken: i64, points: i64) -> Result<(), Error> {
 /// repaid first.
 fn kept_after_debt(available: i64, points: i64) -> i64 {
     (available + points).max(0) - available.max(0)
+}
+
+pub use crate::points::store::lifecycle::LockedAccount;
+
+/// Locks a customer's account (by internal id) in the caller's transaction, waiting for a
+/// writer that holds it: the first lock of a movement another feature makes (the greeting
+/// job, before it credits a birthday's bonus). `None` if the customer has no account.
+pub async fn lock_account(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    customer_id: i64,
+) -> Result<Option<LockedAccount>, Error> {
+    store::lock_account_by_id(conn, merchant, customer_id, false).await
+}
+
+/// Credits `points` (> 0) as a BONUS to an account the caller's transaction has locked
+/// ([`lock_account`]): the ledger entry (reference: the caller's key, unique per merchant, so
+/// a second credit under one key fails instead of paying twice), a lot under the program's
+/// expiry (a debt is repaid first), and the account. Returns the account as it will commit;
+/// the caller publishes it to the cache after its commit.
+pub async fn credit_bonus(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    account: &LockedAccount,
+    points: i64,
+    reference: &str,
+    expiry: programs::lifecycle::ExpiryPolicy,
+    now: DateTime<Utc>,
+) -> Result<AccountState, Error> {
+    if points <= 0 {
+        return Err(Error::internal(format!("a bonus of {points} points")));
+    }
+    let customer = account.customer_id;
+    store::insert_entry(
+        conn,
+        merchant,
+        customer,
+        &Entry {
+            seq: account.version + 1,
+            kind: EntryKind::Bonus,
+            points,
+            reference,
+            occurred_at: now,
+        },
+    )
+    .await?;
+    let terms = LotTerms::of_credit(expiry, account.last_purchase_at, now);
+    store::insert_lot(
+        conn,
+        merchant,
+        customer,
+        EntryKind::Bonus.as_str(),
+        reference,
+        points,
+        kept_after_debt(account.available, points),
+        now,
+        &terms,
+    )
+    .await?;
+    let change = AccountChange {
+        available: points,
+        versions: 1,
+        ..AccountChange::default()
+    };
+    store::write_account(conn, merchant, customer, change)
+        .await?
+        .ok_or_else(|| Error::internal("a credited account was not written"))
 }
 
 impl Points {

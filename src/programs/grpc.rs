@@ -2,9 +2,14 @@
 
 use tonic::{Request, Response, Status};
 
+use chrono::Datelike;
+
 use crate::error::Error;
+use crate::greetings;
+use crate::greetings::rules::{BirthdayReward, Holiday, HolidayDate, OccasionProgram};
 use crate::pb::{self, program_service_server::ProgramService};
 use crate::platform::proto::{caller, optional_datetime, timestamp};
+use crate::platform::validation::Violations;
 use crate::points::rules::requests::Adjustment;
 use crate::points::{self, Points};
 use crate::programs::Programs;
@@ -112,8 +117,9 @@ impl ProgramService for ProgramApi {
 }
 
 fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
-    let program = program.ok_or_else(|| Error::invalid("program", "is required"))?;
+    let mut program = program.ok_or_else(|| Error::invalid("program", "is required"))?;
     let lifecycle = lifecycle_input(&program)?;
+    let occasions = occasions_input(program.occasions.take())?;
     let mut promotions = Vec::with_capacity(program.promotions.len());
     for (i, p) in program.promotions.into_iter().enumerate() {
         promotions.push(PromotionInput {
@@ -143,6 +149,7 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     };
     Ok(ProgramInput {
         lifecycle,
+        occasions,
         max_receipt_age_days: program.max_receipt_age_days,
         old_receipts,
         currency: program.currency,
@@ -213,6 +220,101 @@ fn lifecycle_input(program: &pb::Program) -> Result<Lifecycle, Error> {
     })
 }
 
+/// The occasion settings of a program message (unset: the defaults). A holiday's date must
+/// exist: in every year (29 February does) or in its one year. The rest is checked by
+/// `OccasionProgram::check`.
+fn occasions_input(settings: Option<pb::OccasionSettings>) -> Result<OccasionProgram, Error> {
+    let Some(settings) = settings else {
+        return Ok(OccasionProgram::default());
+    };
+    let mut v = Violations::default();
+    let mut holidays = Vec::with_capacity(settings.holidays.len());
+    for (i, holiday) in settings.holidays.into_iter().enumerate() {
+        let field = format!("program.occasions.holidays[{i}].date");
+        let date = match holiday.date {
+            None => {
+                v.add(field, "is required");
+                continue;
+            }
+            Some(d) if d.year == 0 => HolidayDate::Yearly {
+                month: d.month,
+                day: d.day,
+            },
+            Some(d) => {
+                let Some((month, day)) =
+                    v.check(greetings::rules::month_day(&field, d.month, d.day))
+                else {
+                    continue;
+                };
+                let year = match i32::try_from(d.year) {
+                    Ok(year) if year <= 9999 => year,
+                    _ => {
+                        v.add(format!("{field}.year"), "must be between 1 and 9999, or 0");
+                        continue;
+                    }
+                };
+                match chrono::NaiveDate::from_ymd_opt(year, month, day) {
+                    Some(date) => HolidayDate::Once { date },
+                    None => {
+                        v.add(
+                            format!("{field}.day"),
+                            format!("{month}/{day} is not a date in {year}"),
+                        );
+                        continue;
+                    }
+                }
+            }
+        };
+        holidays.push(Holiday {
+            id: holiday.id,
+            name: holiday.name,
+            date,
+        });
+    }
+    v.finish()?;
+    let reward = settings.birthday_reward.unwrap_or_default();
+    Ok(OccasionProgram {
+        birthdays: settings.birthdays,
+        anniversaries: settings.anniversaries,
+        holidays,
+        birthday_reward: BirthdayReward {
+            gift_id: Some(reward.gift_id).filter(|id| !id.is_empty()),
+            bonus_points: reward.bonus_points,
+        },
+    })
+}
+
+fn occasions_message(occasions: OccasionProgram) -> pb::OccasionSettings {
+    pb::OccasionSettings {
+        birthdays: occasions.birthdays,
+        anniversaries: occasions.anniversaries,
+        holidays: occasions
+            .holidays
+            .into_iter()
+            .map(|holiday| pb::Holiday {
+                id: holiday.id,
+                name: holiday.name,
+                date: Some(match holiday.date {
+                    HolidayDate::Yearly { month, day } => pb::HolidayDate {
+                        month,
+                        day,
+                        year: 0,
+                    },
+                    HolidayDate::Once { date } => pb::HolidayDate {
+                        month: date.month(),
+                        day: date.day(),
+                        year: u32::try_from(date.year()).unwrap_or(0),
+                    },
+                }),
+            })
+            .collect(),
+        birthday_reward: (!occasions.birthday_reward.is_empty()).then(|| pb::BirthdayReward {
+            gift_id: occasions.birthday_reward.gift_id.unwrap_or_default(),
+            bonus_points: occasions.birthday_reward.bonus_points,
+        }),
+    }
+}
+
 fn expiry_message(expiry: ExpiryPolicy) -> pb::ExpiryPolicy {
     let (kind, months) = match expiry {
         ExpiryPolicy::Never => (pb::ExpiryKind::Never, 0),
@@ -230,6 +332,7 @@ fn program_message(program: Program) -> pb::Program {
     let rules = program.rules;
     let lifecycle = rules.lifecycle;
     pb::Program {
+        occasions: Some(occasions_message(rules.occasions)),
         pending_days: lifecycle.pending_days,
         expiry: Some(expiry_message(lifecycle.expiry)),
         redemption: Some(pb::RedemptionRule {

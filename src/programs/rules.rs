@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::greetings::rules::OccasionProgram;
 use crate::platform::money::{self, Currency};
 use crate::platform::validation::Invalid;
 use crate::platform::validation::{self, Violations};
@@ -172,6 +173,8 @@ pub struct ProgramRules {
     pub receipt_age: ReceiptAge,
     /// Pending period, expiry, redemption and returns.
     pub lifecycle: Lifecycle,
+    /// Which occasions are greeted, the holidays and the birthday reward.
+    pub occasions: OccasionProgram,
 }
 
 impl ProgramRules {
@@ -188,6 +191,7 @@ impl ProgramRules {
             promotions: Vec::new(),
             receipt_age: ReceiptAge::default(),
             lifecycle: Lifecycle::default(),
+            occasions: OccasionProgram::default(),
         }
     }
 
@@ -241,6 +245,8 @@ pub struct ProgramInput {
     pub old_receipts: Option<OldReceipts>,
     /// Checked by `parse` (its proto defaults already applied).
     pub lifecycle: Lifecycle,
+    /// Checked by `parse`.
+    pub occasions: OccasionProgram,
 }
 
 impl ProgramRules {
@@ -407,6 +413,7 @@ impl ProgramRules {
             older: input.old_receipts.unwrap_or(OldReceipts::Refuse),
         };
         input.lifecycle.check(&mut v);
+        input.occasions.check(&mut v);
 
         match (currency, earn_rate, minimum) {
             (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
@@ -418,6 +425,7 @@ impl ProgramRules {
                     promotions,
                     receipt_age,
                     lifecycle: input.lifecycle,
+                    occasions: input.occasions,
                 })
             }
             _ => Err(v.into_error()),
@@ -448,6 +456,7 @@ mod tests {
             max_receipt_age_days: 0,
             old_receipts: None,
             lifecycle: Lifecycle::default(),
+            occasions: OccasionProgram::default(),
         }
     }
 
@@ -524,6 +533,7 @@ mod tests {
             max_receipt_age_days: MAX_RECEIPT_AGE_DAYS + 1,
             old_receipts: None,
             lifecycle: Lifecycle::default(),
+            occasions: OccasionProgram::default(),
         };
         assert_eq!(
             fields(ProgramRules::parse(program)),

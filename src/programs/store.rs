@@ -8,6 +8,7 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use crate::error::Error;
+use crate::greetings::rules::OccasionProgram;
 use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
@@ -27,6 +28,7 @@ struct ProgramRow {
     max_receipt_age_days: i32,
     old_receipts: String,
     lifecycle: Json<Lifecycle>,
+    occasions: Json<OccasionProgram>,
     version: i64,
     updated_at: DateTime<Utc>,
 }
@@ -59,6 +61,7 @@ impl ProgramRow {
                     older,
                 },
                 lifecycle: self.lifecycle.0,
+                occasions: self.occasions.0,
             },
             version: self.version,
             updated_at: self.updated_at,
@@ -69,7 +72,7 @@ impl ProgramRow {
 const SELECT_PROGRAM: &str =
     "SELECT currency, earn_points, earn_currency_units, minimum_purchase_minor,
         category_multipliers, promotions, max_receipt_age_days, old_receipts, lifecycle,
-        version, updated_at
+        occasions, version, updated_at
    FROM programs
   WHERE merchant_id = $1";
 
@@ -103,8 +106,8 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO programs (merchant_id, currency, earn_points, earn_currency_units,
                                minimum_purchase_minor, category_multipliers, promotions,
-                               max_receipt_age_days, old_receipts, lifecycle)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                               max_receipt_age_days, old_receipts, lifecycle, occasions)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -116,6 +119,7 @@ pub async fn insert(
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
+    .bind(Json(&rules.occasions))
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -166,11 +170,11 @@ pub async fn replace(
             SET currency = $2, earn_points = $3, earn_currency_units = $4,
                 minimum_purchase_minor = $5, category_multipliers = $6, promotions = $7,
                 max_receipt_age_days = $8, old_receipts = $9, lifecycle = $10,
-                version = version + 1, updated_at = now()
+                occasions = $11, version = version + 1, updated_at = now()
           WHERE merchant_id = $1
       RETURNING currency, earn_points, earn_currency_units, minimum_purchase_minor,
                 category_multipliers, promotions, max_receipt_age_days, old_receipts,
-                lifecycle, version, updated_at",
+                lifecycle, occasions, version, updated_at",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -182,6 +186,7 @@ pub async fn replace(
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
+    .bind(Json(&rules.occasions))
     .fetch_one(conn)
     .await
     .map_err(db_error)?;

@@ -90,6 +90,14 @@ impl Programs {
                 "the currency cannot change from {currency}: purchases were recorded in it"
             )));
         }
+        if let Some(gift_id) = &rules.occasions.birthday_reward.gift_id
+            && !crate::gifts::store::gift_exists(&mut tx, merchant, gift_id).await?
+        {
+            return Err(Error::invalid(
+                "program.occasions.birthday_reward.gift_id",
+                format!("{gift_id:?} is not a gift of the catalog"),
+            ));
+        }
         let program = store::replace(&mut tx, merchant, &rules).await?;
         audit::record(
             &mut tx,
