@@ -22,6 +22,7 @@ use tonic_health::ServingStatus;
 use crate::access::Authenticator;
 use crate::config::ServerConfig;
 use crate::error::Error;
+use crate::events::{Events, EventsConfig, Hub};
 use crate::platform::Parts;
 use crate::platform::cache::Cache;
 use crate::platform::cache_repair::Publisher;
@@ -39,7 +40,7 @@ use crate::platform::service::{Access, Declaration, Method, MethodTable, Service
 use crate::platform::store::Store;
 use crate::programs::ProgramCache;
 use crate::telemetry::Metrics;
-use crate::{jobs, members, pb, points, programs};
+use crate::{engagement, jobs, members, pb, points, programs};
 
 /// HTTP/2 flow-control windows: the request bytes a connection may send before the server
 /// reads them (hyper's defaults, set here because the memory bound in RELIABILITY.md rests on
@@ -49,11 +50,17 @@ const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 
 /// Every service of the loyalty API, built from the shared parts. Adding a service: a
 /// feature folder, and one line here.
-fn loyalty_services(parts: &Parts, program_cache: &ProgramCache) -> Vec<Service> {
+fn loyalty_services(
+    parts: &Parts,
+    program_cache: &ProgramCache,
+    hub: &Hub,
+    events: &EventsConfig,
+) -> Vec<Service> {
     vec![
         points::service(parts, program_cache),
         members::service(parts, program_cache),
         programs::service(parts, program_cache),
+        engagement::service(parts, hub, events),
     ]
 }
 
@@ -117,6 +124,8 @@ pub struct Application {
     authenticator: Arc<Authenticator>,
     /// Services added by the embedder (the test kit's streaming probe).
     extra_services: Vec<Service>,
+    /// The shared reader of the event stream (started by `run_until`).
+    hub: Hub,
 }
 
 impl Application {
@@ -171,6 +180,7 @@ impl Application {
             metrics,
             authenticator,
             extra_services: Vec::new(),
+            hub: Hub::new(),
         })
     }
 
@@ -206,6 +216,12 @@ impl Application {
         crate::points::Points::new(&self.parts, &self.program_cache)
     }
 
+    /// The event use cases: tests run sequencer, pruning and warning passes by hand. They
+    /// share this server's reader.
+    pub fn events(&self) -> Events {
+        Events::new(&self.parts, &self.hub, &self.config.events)
+    }
+
     /// The cache's publisher and repairer (tests run a repair pass by hand).
     pub fn publisher(&self) -> &Publisher {
         &self.parts.publisher
@@ -230,13 +246,14 @@ impl Application {
             metrics,
             authenticator,
             extra_services,
+            hub,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (draining_tx, draining_rx) = watch::channel(false);
         let mut background = Vec::new();
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        let mut services = loyalty_services(&parts, &program_cache);
+        let mut services = loyalty_services(&parts, &program_cache, &hub, &config.events);
         let probe = HealthProbe {
             store: parts.store.clone(),
             reporter: health_reporter,
@@ -258,6 +275,23 @@ impl Application {
             },
         ));
         background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
+        background.extend(hub.start(parts.store.clone(), stop_rx.clone()));
+        let events = Events::new(&parts, &hub, &config.events);
+        background.push(jobs::event_sequencer(
+            events.clone(),
+            config.events.poll_interval,
+            stop_rx.clone(),
+        ));
+        if let Some(interval) = config.events.prune_interval {
+            background.push(jobs::event_pruning(
+                events.clone(),
+                interval,
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(interval) = config.events.warning_interval {
+            background.push(jobs::expiry_warnings(events, interval, stop_rx.clone()));
+        }
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
             background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
@@ -470,7 +504,12 @@ mod tests {
             clock: Arc::new(SystemClock),
             max_message_bytes: 1024,
         };
-        loyalty_services(&parts, &ProgramCache::default())
+        loyalty_services(
+            &parts,
+            &ProgramCache::default(),
+            &Hub::new(),
+            &EventsConfig::default(),
+        )
     }
 
     #[tokio::test]

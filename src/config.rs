@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::events::EventsConfig;
 use crate::platform::cache::CacheConfig;
 use crate::platform::rate_limit::RateLimit;
 use crate::platform::store::DatabaseConfig;
@@ -329,6 +330,31 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
 
+    /// How often the event sequencer looks for committed events to number (every replica
+    /// runs one; one at a time numbers). The event stream's delay from a commit to its
+    /// delivery is about this at most, plus one read.
+    #[arg(long, env = "LOYALTY_EVENT_POLL_MS", default_value_t = 20)]
+    pub event_poll_ms: u64,
+
+    /// How long events are kept for WatchEvents; a cursor of events pruned since is
+    /// OUT_OF_RANGE.
+    #[arg(long, env = "LOYALTY_EVENT_RETENTION_HOURS", default_value_t = 168)]
+    pub event_retention_hours: u64,
+
+    /// How often this replica prunes events past the retention; 0 turns it off here (another
+    /// replica must run it).
+    #[arg(long, env = "LOYALTY_EVENT_PRUNE_INTERVAL_SECS", default_value_t = 60)]
+    pub event_prune_interval_secs: u64,
+
+    /// How often this replica writes the points_expiring warnings that are due; 0 turns it
+    /// off here (another replica must run it).
+    #[arg(
+        long,
+        env = "LOYALTY_EXPIRY_WARNING_INTERVAL_SECS",
+        default_value_t = 60
+    )]
+    pub expiry_warning_interval_secs: u64,
+
     /// How long in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "LOYALTY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -364,6 +390,8 @@ pub struct ServerConfig {
     pub health_interval: Duration,
     /// `None`: this replica runs no points sweep.
     pub sweep_interval: Option<Duration>,
+    /// The event stream: sequencer, retention, pruning and expiry warnings.
+    pub events: EventsConfig,
     pub shutdown_grace: Duration,
     pub startup_timeout: Duration,
     /// Apply migrations at start-up.
@@ -540,6 +568,24 @@ impl ServeArgs {
             sweep_interval: match self.sweep_interval_ms {
                 0 => None,
                 ms => Some(millis("LOYALTY_SWEEP_INTERVAL_MS", ms, 10, 3_600_000)?),
+            },
+            events: EventsConfig {
+                poll_interval: millis("LOYALTY_EVENT_POLL_MS", self.event_poll_ms, 1, 10_000)?,
+                retention: secs(
+                    "LOYALTY_EVENT_RETENTION_HOURS",
+                    self.event_retention_hours,
+                    1,
+                    24 * 3650,
+                )?
+                .saturating_mul(3600),
+                prune_interval: match self.event_prune_interval_secs {
+                    0 => None,
+                    s => Some(secs("LOYALTY_EVENT_PRUNE_INTERVAL_SECS", s, 1, 86_400)?),
+                },
+                warning_interval: match self.expiry_warning_interval_secs {
+                    0 => None,
+                    s => Some(secs("LOYALTY_EXPIRY_WARNING_INTERVAL_SECS", s, 1, 86_400)?),
+                },
             },
             shutdown_grace: secs(
                 "LOYALTY_SHUTDOWN_GRACE_SECS",

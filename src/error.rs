@@ -48,6 +48,9 @@ pub enum Error {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// A position past what is kept (an event cursor older than the retention).
+    #[error("{0}")]
+    OutOfRange(String),
     /// A dependency that we cannot work without (Postgres) is unreachable.
     #[error("{0}")]
     Unavailable(String),
@@ -77,6 +80,7 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::events::Events;
 use crate::platform::cache_repair::Publisher;
 use crate::points::Points;
 use crate::telemetry::throttle::LogThrottle;
@@ -16,6 +17,18 @@ pub const SWEEP_BATCH: i64 = 500;
 
 /// While Postgres is down every pass fails the same way.
 static SWEEP_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+static SEQUENCER_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+static PRUNE_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+static WARNING_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+
+/// Events the sequencer numbers in one transaction at most.
+pub const SEQUENCE_BATCH: i64 = 1000;
+
+/// Events one pruning statement deletes at most.
+pub const PRUNE_BATCH: i64 = 1000;
+
+/// Expiry warnings one statement writes at most.
+pub const WARNING_BATCH: i64 = 500;
 
 /// Repeats `tick` every `every` until `stop` turns true.
 fn every<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, mut tick: F) -> JoinHandle<()>
@@ -83,6 +96,87 @@ pub fn points_sweep(
                             tracing::warn!(%error, suppressed, "points sweep failed");
                         }
                         return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The sequencer of this replica: every `interval` it numbers the committed events that
+/// have no position yet (batch after batch while batches come full), under an advisory lock
+/// that only one replica holds at a time (see `events::store::sequence`). Every replica runs
+/// one, so the stream goes on when any replica stops; a replica that finds the lock taken
+/// leaves the turn to the holder. The delay from a commit to its position is at most about
+/// `interval` (plus the batch's own statement).
+pub fn event_sequencer(
+    events: Events,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let events = events.clone();
+        async move {
+            loop {
+                match events.sequence(SEQUENCE_BATCH).await {
+                    Ok(numbered) if numbered as i64 == SEQUENCE_BATCH => continue,
+                    Ok(_) => return,
+                    Err(error) => {
+                        if let Some(suppressed) = SEQUENCER_FAILURES.admit() {
+                            tracing::warn!(%error, suppressed, "event sequencer failed");
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Deletes the events past the retention, in batches; replicas take turns.
+pub fn event_pruning(
+    events: Events,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let events = events.clone();
+        async move {
+            match events.prune(PRUNE_BATCH).await {
+                Ok(pruned) if pruned.deleted > 0 => tracing::info!(
+                    deleted = pruned.deleted,
+                    pruned_through = pruned.pruned_through,
+                    "events pruned"
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    if let Some(suppressed) = PRUNE_FAILURES.admit() {
+                        tracing::warn!(%error, suppressed, "event pruning failed");
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Writes a points_expiring event for every lot due for one (once per lot and expiry;
+/// replicas split the lots with SKIP LOCKED).
+pub fn expiry_warnings(
+    events: Events,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let events = events.clone();
+        async move {
+            match events.warn_expiring(WARNING_BATCH).await {
+                Ok(written) if written > 0 => {
+                    tracing::info!(written, "points expiry warnings written");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    if let Some(suppressed) = WARNING_FAILURES.admit() {
+                        tracing::warn!(%error, suppressed, "expiry warnings failed");
                     }
                 }
             }

@@ -67,7 +67,7 @@ pub enum Scope {
     Pos,
     /// Apps: MemberService reads.
     App,
-    /// Internal schedulers: greetings and events (their service is still to come).
+    /// Internal schedulers: greetings and events (EngagementService).
     Scheduler,
     /// Everything, including ProgramService.
     Admin,

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::error::Error;
+use crate::events::rules::NewEvent;
 use crate::gifts;
 use crate::gifts::rules::{Grant, GrantSource};
 use crate::gifts::store::{GrantRequest, Granted};
@@ -132,6 +133,9 @@ struct Spending<'a> {
     points: i64,
     kind: EntryKind,
     change: AccountChange,
+    /// Whether the spend is final (a redemption: its points_redeemed event is written with
+    /// the account); a hold writes none (its commit does).
+    redeemed_event: bool,
 }
 
 enum Spend<T> {
@@ -302,6 +306,7 @@ impl Points {
                 debit: true,
                 ..AccountChange::default()
             },
+            redeemed_event: true,
         };
         let mut taken = match self.spend(merchant, &spend).await? {
             Spend::Replayed(answer) => return Ok(answer),
@@ -356,6 +361,7 @@ impl Points {
                 debit: true,
                 ..AccountChange::default()
             },
+            redeemed_event: false,
         };
         let mut taken = match self.spend(merchant, &spend).await? {
             Spend::Replayed(answer) => return Ok(answer),
@@ -420,15 +426,19 @@ impl Points {
                 spend.key,
             )
             .await?;
+        let discount_minor = rule.discount_minor(spend.points, program.rules.currency);
+        let event = spend
+            .redeemed_event
+            .then(|| NewEvent::points_redeemed(spend.key, spend.points, discount_minor));
         let state = self
-            .write(&mut tx, merchant, &account, spend.change)
+            .write_with(&mut tx, merchant, &account, spend.change, event.as_ref())
             .await?;
         Ok(Spend::Taken(Taken {
             tx,
             customer_id: account.customer_id,
             seq,
             state,
-            discount_minor: rule.discount_minor(spend.points, program.rules.currency),
+            discount_minor,
         }))
     }
 
@@ -577,7 +587,12 @@ impl Points {
                 }
             }
         };
-        let state = self.write(conn, merchant, account, change).await?;
+        let event = (settlement == Settlement::Committed).then(|| {
+            NewEvent::reservation_committed(reservation_id, hold.points, hold.discount_minor)
+        });
+        let state = self
+            .write_with(conn, merchant, account, change, event.as_ref())
+            .await?;
         let settled = Settled {
             status: settlement,
             points: hold.points,
@@ -725,8 +740,16 @@ impl Points {
             )
             .await?;
         }
+        let event = NewEvent::points_returned(
+            &r.purchase_id,
+            &r.return_id,
+            returned_minor,
+            clawed_back,
+            written_off,
+            refund,
+        );
         let state = self
-            .write(
+            .write_with(
                 &mut tx,
                 merchant,
                 &account,
@@ -737,6 +760,7 @@ impl Points {
                     versions: (seq - account.version).max(1),
                     ..AccountChange::default()
                 },
+                Some(&event),
             )
             .await?;
         // A purchase returned in full takes back the gifts it fired (those not redeemed yet).
@@ -946,6 +970,22 @@ impl Points {
             &c.claim_key,
         )
         .await?;
+        // The account before the grant: the grant's gift_issued event (written by the
+        // grant's statement) carries the balance after the price.
+        let state = self
+            .write(
+                &mut tx,
+                merchant,
+                &account,
+                AccountChange {
+                    available: -price,
+                    lifetime_redeemed: price,
+                    versions: 1,
+                    debit: true,
+                    ..AccountChange::default()
+                },
+            )
+            .await?;
         let request = GrantRequest {
             customer_id: account.customer_id,
             gift_id: &c.gift_id,
@@ -969,20 +1009,6 @@ impl Points {
                 return Err(Error::FailedPrecondition("the gift is out of stock".into()));
             }
         };
-        let state = self
-            .write(
-                &mut tx,
-                merchant,
-                &account,
-                AccountChange {
-                    available: -price,
-                    lifetime_redeemed: price,
-                    versions: 1,
-                    debit: true,
-                    ..AccountChange::default()
-                },
-            )
-            .await?;
         store::insert_claim(
             &mut tx,
             merchant,
@@ -1045,7 +1071,19 @@ impl Points {
         account: &LockedAccount,
         change: AccountChange,
     ) -> Result<AccountState, Error> {
-        store::write_account(conn, merchant, account.customer_id, change)
+        self.write_with(conn, merchant, account, change, None).await
+    }
+
+    /// [`Points::write`] and the change's event, in one statement.
+    async fn write_with(
+        &self,
+        conn: &mut PgConnection,
+        merchant: MerchantId,
+        account: &LockedAccount,
+        change: AccountChange,
+        event: Option<&NewEvent>,
+    ) -> Result<AccountState, Error> {
+        store::write_account(conn, merchant, account.customer_id, change, event)
             .await?
             .ok_or(Error::InsufficientPoints {
                 requested: -change.available,

@@ -23,7 +23,8 @@ pub const ENROLL_ON_PURCHASE: &str = include_str!("sql/enroll_on_purchase.sql");
 // The statements of one ReservePoints (in its transaction, in this order): PROGRAM_VERSION,
 // LOCK_ACCOUNT, RESERVATION_ANSWER, TAKE_POINTS, WRITE_ACCOUNT, INSERT_RESERVATION; and of one
 // CommitReservation: LOCK_RESERVATION_ACCOUNT, LOCK_RESERVATION, INSERT_ENTRY (RELEASE),
-// INSERT_ENTRY (REDEEM), WRITE_ACCOUNT, SETTLE_RESERVATION.
+// INSERT_ENTRY (REDEEM), WRITE_ACCOUNT_EVENT (with its points_redeemed event),
+// SETTLE_RESERVATION.
 
 /// The program's version, to check the cached rules against (`programs::store::VERSION`).
 /// `$1` merchant_id.
@@ -61,6 +62,10 @@ pub const RESERVATION_ANSWER: &str =
 
 /// Applies one change to a locked account and returns it with its next expiry. See the file.
 pub const WRITE_ACCOUNT: &str = include_str!("sql/write_account.sql");
+
+/// `WRITE_ACCOUNT` and the change's event in one statement (a test keeps their account
+/// updates equal). See the file.
+pub const WRITE_ACCOUNT_EVENT: &str = include_str!("sql/write_account_event.sql");
 
 /// A new hold's row. See the file for parameters.
 pub const INSERT_RESERVATION: &str = include_str!("sql/insert_reservation.sql");
@@ -113,6 +118,28 @@ mod tests {
             LOCK_ACCOUNT_BY_ID_SKIP_LOCKED,
             format!("{LOCK_ACCOUNT_BY_ID} SKIP LOCKED")
         );
+    }
+
+    /// The text from `WITH account AS (` to the end of its RETURNING list.
+    fn account_update(sql: &str) -> String {
+        let start = sql.find("WITH account AS (").expect("the account CTE");
+        let end = start
+            + sql[start..]
+                .find("purchase_count, version")
+                .expect("its RETURNING");
+        words(&sql[start..end])
+    }
+
+    #[test]
+    fn a_movement_with_its_event_updates_the_account_as_one_without() {
+        assert_eq!(
+            account_update(WRITE_ACCOUNT),
+            account_update(WRITE_ACCOUNT_EVENT)
+        );
+        let tail = |sql: &str| words(&sql[sql.rfind("SELECT a.available").unwrap()..]);
+        assert_eq!(tail(WRITE_ACCOUNT), tail(WRITE_ACCOUNT_EVENT));
+        assert!(WRITE_ACCOUNT_EVENT.contains("INSERT INTO events"));
+        assert!(!WRITE_ACCOUNT.contains("INSERT INTO events"));
     }
 
     #[test]

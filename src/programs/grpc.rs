@@ -217,6 +217,10 @@ fn lifecycle_input(program: &pb::Program) -> Result<Lifecycle, Error> {
         expiry,
         redemption,
         returns,
+        expiry_warning_days: match program.expiry_warning_days {
+            0 => crate::programs::lifecycle::DEFAULT_EXPIRY_WARNING_DAYS,
+            days => days,
+        },
     })
 }
 
@@ -334,6 +338,7 @@ fn program_message(program: Program) -> pb::Program {
     pb::Program {
         occasions: Some(occasions_message(rules.occasions)),
         pending_days: lifecycle.pending_days,
+        expiry_warning_days: lifecycle.expiry_warning_days,
         expiry: Some(expiry_message(lifecycle.expiry)),
         redemption: Some(pb::RedemptionRule {
             points_per_unit: lifecycle.redemption.points_per_unit,

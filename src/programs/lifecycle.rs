@@ -17,8 +17,11 @@ pub const DEFAULT_POINTS_PER_UNIT: u32 = 100;
 pub const MAX_POINTS_PER_UNIT: u32 = 1_000_000;
 /// 100 %, in basis points.
 pub const FULL_SHARE_BP: u32 = 10_000;
+/// Days before a lot's expiry its customer is warned (a points_expiring event), by default.
+pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 7;
+pub const MAX_EXPIRY_WARNING_DAYS: u32 = 365;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Lifecycle {
     /// Days after the purchase before its points can be spent (typically the return window).
@@ -26,6 +29,21 @@ pub struct Lifecycle {
     pub expiry: ExpiryPolicy,
     pub redemption: RedemptionRule,
     pub returns: ReturnPolicy,
+    /// Days before a lot expires that its points_expiring event is written (the expiry
+    /// warnings job reads it from the stored JSON, `events/sql/warn_expiring.sql`).
+    pub expiry_warning_days: u32,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            pending_days: 0,
+            expiry: ExpiryPolicy::default(),
+            redemption: RedemptionRule::default(),
+            returns: ReturnPolicy::default(),
+            expiry_warning_days: DEFAULT_EXPIRY_WARNING_DAYS,
+        }
+    }
 }
 
 /// When earned points expire.
@@ -153,6 +171,12 @@ impl Lifecycle {
                 format!("must be at most {MAX_PENDING_DAYS}"),
             );
         }
+        if self.expiry_warning_days == 0 || self.expiry_warning_days > MAX_EXPIRY_WARNING_DAYS {
+            v.add(
+                "program.expiry_warning_days",
+                format!("must be between 1 and {MAX_EXPIRY_WARNING_DAYS}"),
+            );
+        }
         match self.expiry {
             ExpiryPolicy::Never => {}
             ExpiryPolicy::MonthsAfterEarning(months)
@@ -265,12 +289,20 @@ mod tests {
                 max_share_bp: 5_000,
             },
             returns: ReturnPolicy::CapAtBalance,
+            expiry_warning_days: 3,
         };
         let json = serde_json::to_string(&lifecycle).unwrap();
         assert_eq!(serde_json::from_str::<Lifecycle>(&json).unwrap(), lifecycle);
         assert_eq!(
             serde_json::from_str::<Lifecycle>("{}").unwrap(),
             Lifecycle::default()
+        );
+        // A program stored before the warnings existed warns a week ahead.
+        assert_eq!(
+            serde_json::from_str::<Lifecycle>(r#"{"pending_days": 3}"#)
+                .unwrap()
+                .expiry_warning_days,
+            DEFAULT_EXPIRY_WARNING_DAYS
         );
     }
 
@@ -318,6 +350,7 @@ mod tests {
                 max_share_bp: 10_001,
             },
             returns: ReturnPolicy::Debt,
+            expiry_warning_days: 366,
         }
         .check(&mut v);
         let fields: Vec<String> = v
@@ -330,6 +363,7 @@ mod tests {
             fields,
             [
                 "program.pending_days",
+                "program.expiry_warning_days",
                 "program.expiry.months",
                 "program.redemption.points_per_unit",
                 "program.redemption.minimum_points",

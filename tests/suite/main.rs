@@ -8,6 +8,7 @@ mod binary;
 mod cache;
 mod checkout;
 mod customer_tokens;
+mod events;
 mod exhaustion;
 mod gifts;
 mod lifecycle;

@@ -274,6 +274,7 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 pub type CheckoutClient = pb::checkout_service_client::CheckoutServiceClient<Authed>;
 pub type MemberClient = pb::member_service_client::MemberServiceClient<Authed>;
 pub type ProgramClient = pb::program_service_client::ProgramServiceClient<Authed>;
+pub type EngagementClient = pb::engagement_service_client::EngagementServiceClient<Authed>;
 
 /// A merchant of the test server with its admin key.
 #[derive(Clone)]
@@ -313,6 +314,10 @@ pub struct Options {
     /// The background points sweep; `None` (the default) leaves it to the test, which runs
     /// passes by hand through `TestApp::points`.
     pub sweep_interval: Option<Duration>,
+    /// The event stream's settings. By default the sequencer runs (every 20 ms) and pruning
+    /// and expiry warnings are left to the test, which runs passes by hand through
+    /// `TestApp::events`.
+    pub events: loyalty::events::EventsConfig,
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
     pub db_acquire_timeout: Duration,
@@ -371,6 +376,11 @@ impl Default for Options {
             cache_timeout: Duration::from_millis(200),
             health_interval: Duration::from_millis(100),
             sweep_interval: None,
+            events: loyalty::events::EventsConfig {
+                prune_interval: None,
+                warning_interval: None,
+                ..loyalty::events::EventsConfig::default()
+            },
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
@@ -432,6 +442,8 @@ pub struct TestApp {
     pub store: Store,
     /// The server's points use cases (a test runs sweep passes by hand).
     pub points: loyalty::points::Points,
+    /// The server's event use cases (a test runs pruning and warning passes by hand).
+    pub events: loyalty::events::Events,
     pub pool: PgPool,
     pub key_prefix: String,
     stop: Option<oneshot::Sender<()>>,
@@ -497,6 +509,7 @@ impl TestApp {
             max_message_bytes: options.max_message_bytes,
             health_interval: options.health_interval,
             sweep_interval: options.sweep_interval,
+            events: options.events,
             shutdown_grace: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
             migrate: true,
@@ -516,6 +529,7 @@ impl TestApp {
         let metrics = app.metrics().clone();
         let store = app.store().clone();
         let points = app.points();
+        let events = app.events();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -530,6 +544,7 @@ impl TestApp {
             metrics,
             store,
             points,
+            events,
             pool,
             key_prefix,
             stop: Some(stop),
@@ -661,6 +676,13 @@ impl TestApp {
 
     pub async fn program(&self, key: &str) -> ProgramClient {
         pb::program_service_client::ProgramServiceClient::with_interceptor(
+            self.channel().await,
+            Self::bearer(key),
+        )
+    }
+
+    pub async fn engagement(&self, key: &str) -> EngagementClient {
+        pb::engagement_service_client::EngagementServiceClient::with_interceptor(
             self.channel().await,
             Self::bearer(key),
         )

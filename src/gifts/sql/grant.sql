@@ -5,6 +5,10 @@
 -- the gift is missing, inactive or sold out. A taken source key or code fails the statement,
 -- stock and all (the caller runs it under a savepoint).
 --
+-- The grant's gift_issued event (the outbox, `events`) is written by this statement too, with
+-- the customer's account as the caller's transaction has it (after a claim's price, after the
+-- purchase that fired a rule). Its details never hold the code (a bearer secret).
+--
 -- $1 merchant_id, $2 customer_id, $3 gift_id, $4 code, $5 source, $6 source_reference,
 -- $7 purchase_id, $8 now, $9 delay_hours
 WITH gift AS (
@@ -29,6 +33,16 @@ WITH gift AS (
            $8
       FROM granted
     RETURNING *
+), event AS (
+    INSERT INTO events (merchant_id, customer_id, kind, available, pending, lifetime_earned,
+                        lifetime_redeemed, version, details)
+    SELECT i.merchant_id, i.customer_id, 'gift_issued', a.available, a.pending,
+           a.lifetime_earned, a.lifetime_redeemed, a.version,
+           jsonb_build_object('gift_id', i.gift_id, 'grant_id', i.id::text,
+                              'source', i.source, 'purchase_id', i.purchase_id,
+                              'valid_from', i.valid_from, 'valid_until', i.valid_until)
+      FROM inserted i
+      LEFT JOIN accounts a ON a.merchant_id = i.merchant_id AND a.customer_id = i.customer_id
 )
 SELECT i.customer_id, i.code, i.gift_id, f.name AS gift_name, f.kind AS gift_kind, c.external_id,
        i.status, i.source, i.purchase_id, i.valid_from, i.valid_until,

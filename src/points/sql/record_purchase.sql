@@ -14,6 +14,9 @@
 -- available after))). The statement also returns the account's next expiry, computed from
 -- the lots as they are after it (a statement's CTEs all read the snapshot from before it).
 --
+-- Its purchase_recorded event (the outbox, `events`) is one more insert of this statement, with
+-- the account as the purchase left it: written exactly when the purchase is.
+--
 -- Returns the account after the purchase, or no row when the purchase_id is already taken
 -- (or the program's currency is no longer the purchase's).
 -- Two concurrent first attempts both pass the NOT EXISTS; the second then fails on the
@@ -78,6 +81,15 @@ WITH program AS (
 ), entry AS (
     INSERT INTO ledger_entries (merchant_id, customer_id, seq, kind, points, reference, occurred_at)
     SELECT $1, $2, version, 'earn', $9, $3, $5
+      FROM account
+), event AS (
+    INSERT INTO events (merchant_id, customer_id, kind, available, pending, lifetime_earned,
+                        lifetime_redeemed, version, details)
+    SELECT $1, $2, 'purchase_recorded', available, pending, lifetime_earned, lifetime_redeemed,
+           version,
+           jsonb_build_object('purchase_id', $3::text, 'points', $9::bigint,
+                              'total_minor', $7::bigint, 'currency', $6::text,
+                              'store_id', $4::text)
       FROM account
 ), extended AS (
     UPDATE point_lots

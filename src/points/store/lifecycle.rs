@@ -12,6 +12,7 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use crate::error::Error;
+use crate::events::rules::NewEvent;
 use crate::platform::account::{AccountRow, AccountState};
 use crate::platform::caller::MerchantId;
 use crate::platform::store::{db_error, violated_unique_constraint};
@@ -309,13 +310,21 @@ pub struct AccountChange {
 /// Applies `change` to a locked account and returns it as committed, with its next expiry
 /// (from the lots as this transaction left them: write the lots first). `None` when a debit
 /// found fewer points than it takes (the lock makes that a defect, never a race).
+///
+/// With an `event`, the change's event is written by the same statement
+/// (`sql::WRITE_ACCOUNT_EVENT`), carrying the account as the change left it.
 pub async fn write_account(
     conn: &mut PgConnection,
     merchant: MerchantId,
     customer_id: i64,
     change: AccountChange,
+    event: Option<&NewEvent>,
 ) -> Result<Option<AccountState>, Error> {
-    let row: Option<AccountRow> = sqlx::query_as(sql::WRITE_ACCOUNT)
+    let statement = match event {
+        Some(_) => sql::WRITE_ACCOUNT_EVENT,
+        None => sql::WRITE_ACCOUNT,
+    };
+    let mut query = sqlx::query_as(statement)
         .bind(merchant.0)
         .bind(customer_id)
         .bind(change.available)
@@ -323,10 +332,11 @@ pub async fn write_account(
         .bind(change.lifetime_earned)
         .bind(change.lifetime_redeemed)
         .bind(change.versions.max(1))
-        .bind(change.debit)
-        .fetch_optional(conn)
-        .await
-        .map_err(db_error)?;
+        .bind(change.debit);
+    if let Some(event) = event {
+        query = query.bind(event.kind.as_str()).bind(Json(&event.details));
+    }
+    let row: Option<AccountRow> = query.fetch_optional(conn).await.map_err(db_error)?;
     Ok(row.map(AccountState::from))
 }
 
