@@ -222,6 +222,11 @@ impl Application {
         Events::new(&self.parts, &self.hub, &self.config.events)
     }
 
+    /// The greeting use cases, the job's pass included (tests run passes by hand).
+    pub fn greetings(&self) -> crate::greetings::Greetings {
+        crate::greetings::Greetings::new(&self.parts)
+    }
+
     /// The cache's publisher and repairer (tests run a repair pass by hand).
     pub fn publisher(&self) -> &Publisher {
         &self.parts.publisher
@@ -295,6 +300,10 @@ impl Application {
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
             background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
+        }
+        if let Some(interval) = config.greeting_interval {
+            let greetings = crate::greetings::Greetings::new(&parts);
+            background.push(jobs::greetings(greetings, interval, stop_rx.clone()));
         }
 
         if let Some(listener) = metrics_listener {

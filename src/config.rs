@@ -355,6 +355,12 @@ pub struct ServeArgs {
     )]
     pub expiry_warning_interval_secs: u64,
 
+    /// How often the greeting job runs (makes the greetings due on each consenting customer's
+    /// local day, with the birthday rewards); 0 turns it off on this replica. Safe on every
+    /// replica at once.
+    #[arg(long, env = "LOYALTY_GREETING_INTERVAL_MS", default_value_t = 60_000)]
+    pub greeting_interval_ms: u64,
+
     /// How long in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "LOYALTY_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -392,6 +398,8 @@ pub struct ServerConfig {
     pub sweep_interval: Option<Duration>,
     /// The event stream: sequencer, retention, pruning and expiry warnings.
     pub events: EventsConfig,
+    /// `None`: this replica runs no greeting job.
+    pub greeting_interval: Option<Duration>,
     pub shutdown_grace: Duration,
     pub startup_timeout: Duration,
     /// Apply migrations at start-up.
@@ -586,6 +594,10 @@ impl ServeArgs {
                     0 => None,
                     s => Some(secs("LOYALTY_EXPIRY_WARNING_INTERVAL_SECS", s, 1, 86_400)?),
                 },
+            },
+            greeting_interval: match self.greeting_interval_ms {
+                0 => None,
+                ms => Some(millis("LOYALTY_GREETING_INTERVAL_MS", ms, 10, 86_400_000)?),
             },
             shutdown_grace: secs(
                 "LOYALTY_SHUTDOWN_GRACE_SECS",

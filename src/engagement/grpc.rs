@@ -1,4 +1,4 @@
-//! The handlers of `EngagementService` and the proto conversions of events.
+//! The handlers of `EngagementService` and the proto conversions of greetings and events.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,49 +8,196 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::events::Events;
 use crate::events::rules::{Cursor, EventKind, Watch};
 use crate::events::store::StoredEvent;
+use crate::greetings::Greetings;
+use crate::greetings::rules::{
+    self, ClaimRequest, Occasion, OccasionKind, Occurrence, Outcome, UpcomingRequest,
+};
+use crate::greetings::store::ClaimedRow;
 use crate::pb::{self, engagement_service_server::EngagementService};
-use crate::platform::proto::{caller, timestamp};
+use crate::platform::proto::{caller, datetime, timestamp};
 use crate::points;
 
 pub struct EngagementApi {
     pub events: Events,
+    pub greetings: Greetings,
+}
+
+/// A greeting id as the service makes them: 32 lower-case hex digits.
+fn greeting_id(value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid("greeting_id", "is required"));
+    }
+    if value.len() != 32
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(Error::invalid("greeting_id", "is not a greeting id"));
+    }
+    Ok(())
+}
+
+fn kind_message(kind: OccasionKind) -> pb::OccasionKind {
+    match kind {
+        OccasionKind::Birthday => pb::OccasionKind::Birthday,
+        OccasionKind::Anniversary => pb::OccasionKind::EnrollmentAnniversary,
+        OccasionKind::Holiday => pb::OccasionKind::Holiday,
+    }
+}
+
+fn occasion_message(occurrence: &Occurrence) -> pb::Occasion {
+    let occasion: &Occasion = &occurrence.occasion;
+    pb::Occasion {
+        kind: kind_message(occasion.kind()) as i32,
+        holiday_id: occasion.holiday_id().to_string(),
+        name: occasion.name().to_string(),
+    }
+}
+
+fn greeting_message(row: ClaimedRow) -> pb::Greeting {
+    let kind = match row.kind.as_str() {
+        "birthday" => pb::OccasionKind::Birthday,
+        "anniversary" => pb::OccasionKind::EnrollmentAnniversary,
+        "holiday" => pb::OccasionKind::Holiday,
+        _ => pb::OccasionKind::Unspecified,
+    };
+    let holiday_id = row
+        .occasion
+        .strip_prefix("holiday:")
+        .unwrap_or_default()
+        .to_string();
+    let mut channels = Vec::new();
+    // Only what the customer allowed: marketing consent (read now: withdrawn since the
+    // greeting was made wins) and an address on file.
+    if row.marketing_consent {
+        if let Some(email) = row.email.filter(|e| !e.is_empty()) {
+            channels.push(pb::ContactPoint {
+                channel: pb::ContactChannel::Email as i32,
+                address: email,
+            });
+        }
+        if let Some(phone) = row.phone.filter(|p| !p.is_empty()) {
+            channels.push(pb::ContactPoint {
+                channel: pb::ContactChannel::Sms as i32,
+                address: phone,
+            });
+        }
+    }
+    pb::Greeting {
+        greeting_id: row.greeting_id,
+        external_id: row.external_id,
+        display_name: row.display_name,
+        occasion: Some(pb::Occasion {
+            kind: kind as i32,
+            holiday_id,
+            name: row.occasion_name,
+        }),
+        local_date: row.local_date.to_string(),
+        channels,
+        gift_code: row.gift_code.unwrap_or_default(),
+        bonus_points: row.bonus_points,
+        attempts: u32::try_from(row.attempts.saturating_sub(1)).unwrap_or(0),
+        lease_expires_at: Some(timestamp(row.lease_expires_at)),
+        lease_token: row.lease_token,
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EngagementService for EngagementApi {
-    // ---- Greetings: land with the greetings feature (replaced at merge). ----
     async fn list_upcoming_occasions(
         &self,
-        _request: Request<pb::ListUpcomingOccasionsRequest>,
+        request: Request<pb::ListUpcomingOccasionsRequest>,
     ) -> Result<Response<pb::ListUpcomingOccasionsResponse>, Status> {
-        Err(Status::unimplemented(
-            "greetings land with the greetings feature",
-        ))
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let from = r.from.as_ref().map(|ts| datetime("from", ts)).transpose()?;
+        let parsed = UpcomingRequest::parse(
+            from,
+            r.days,
+            r.page_size,
+            &r.page_token,
+            self.greetings.now(),
+        )?;
+        let page = self.greetings.list_upcoming(&caller, &parsed).await?;
+        Ok(Response::new(pb::ListUpcomingOccasionsResponse {
+            occasions: page
+                .entries
+                .into_iter()
+                .map(|(entry, display_name)| pb::UpcomingOccasion {
+                    occasion: Some(occasion_message(&entry.occurrence)),
+                    local_date: entry.occurrence.date.to_string(),
+                    starts_at: Some(timestamp(entry.cursor.starts_at)),
+                    external_id: entry.cursor.external_id,
+                    display_name,
+                })
+                .collect(),
+            next_page_token: page
+                .next
+                .map(|token| rules::encode_token(&token))
+                .unwrap_or_default(),
+        }))
     }
 
     async fn claim_greetings(
         &self,
-        _request: Request<pb::ClaimGreetingsRequest>,
+        request: Request<pb::ClaimGreetingsRequest>,
     ) -> Result<Response<pb::ClaimGreetingsResponse>, Status> {
-        Err(Status::unimplemented(
-            "greetings land with the greetings feature",
-        ))
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let claim = ClaimRequest::parse(r.limit, r.lease_seconds)?;
+        let claimed = self.greetings.claim(&caller, claim).await?;
+        Ok(Response::new(pb::ClaimGreetingsResponse {
+            greetings: claimed.into_iter().map(greeting_message).collect(),
+        }))
     }
 
     async fn ack_greeting(
         &self,
-        _request: Request<pb::AckGreetingRequest>,
+        request: Request<pb::AckGreetingRequest>,
     ) -> Result<Response<pb::AckGreetingResponse>, Status> {
-        Err(Status::unimplemented(
-            "greetings land with the greetings feature",
-        ))
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut violations = Vec::new();
+        if let Err(Error::InvalidArgument(v)) = greeting_id(&r.greeting_id) {
+            violations.extend(v);
+        }
+        let outcome = match pb::GreetingOutcome::try_from(r.outcome) {
+            Ok(pb::GreetingOutcome::Sent) => Some(Outcome::Sent),
+            Ok(pb::GreetingOutcome::FailedPermanently) => Some(Outcome::FailedPermanently),
+            Ok(pb::GreetingOutcome::RetryLater) => Some(Outcome::RetryLater),
+            Ok(pb::GreetingOutcome::Unspecified) | Err(_) => {
+                violations.push(crate::platform::validation::Violation::new(
+                    "outcome",
+                    "must be SENT, FAILED_PERMANENTLY or RETRY_LATER",
+                ));
+                None
+            }
+        };
+        if r.lease_token.is_empty() {
+            violations.push(crate::platform::validation::Violation::new(
+                "lease_token",
+                "is required",
+            ));
+        } else if r.lease_token.len() > 64 {
+            violations.push(crate::platform::validation::Violation::new(
+                "lease_token",
+                "is not a lease token",
+            ));
+        }
+        let Some(outcome) = outcome.filter(|_| violations.is_empty()) else {
+            return Err(Error::InvalidArgument(violations).into());
+        };
+        self.greetings
+            .ack(&caller, &r.greeting_id, outcome, &r.lease_token)
+            .await?;
+        Ok(Response::new(pb::AckGreetingResponse {}))
     }
-    // ---- End of the greetings block. ----
 
     type WatchEventsStream = EventStream;
 

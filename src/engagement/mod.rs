@@ -1,10 +1,12 @@
 //! `EngagementService`: what the merchant's internal services call (greeting senders and event
 //! consumers), scope scheduler (and admin). The service delegates to the use cases of the
-//! features behind it: events (`WatchEvents`) and greetings.
+//! features behind it: greetings (list upcoming occasions, claim due greetings under a lease,
+//! acknowledge them) and events (`WatchEvents`).
 
 mod grpc;
 
 use crate::events::{Events, EventsConfig, Hub};
+use crate::greetings::Greetings;
 use crate::pb::engagement_service_server::{EngagementServiceServer, SERVICE_NAME};
 use crate::platform::Parts;
 use crate::platform::service::{Declaration, Method, SCHEDULER, Service};
@@ -23,6 +25,7 @@ pub const DECLARATION: Declaration = Declaration {
 pub fn service(parts: &Parts, hub: &Hub, events: &EventsConfig) -> Service {
     let api = grpc::EngagementApi {
         events: Events::new(parts, hub, events),
+        greetings: Greetings::new(parts),
     };
     Service::new(
         DECLARATION,

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::events::Events;
+use crate::greetings::Greetings;
 use crate::platform::cache_repair::Publisher;
 use crate::points::Points;
 use crate::telemetry::throttle::LogThrottle;
@@ -96,6 +97,42 @@ pub fn points_sweep(
                             tracing::warn!(%error, suppressed, "points sweep failed");
                         }
                         return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// While Postgres is down every greeting pass fails the same way.
+static GREETING_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+
+/// The greeting job: makes the greetings due on each consenting customer's local day (with a
+/// birthday's gift and bonus, and the `greeting_due` event, in the greeting's transaction).
+/// Safe on every replica at once: a greeting's unique key (customer, occasion, year) makes it
+/// once, and each customer's greetings are made under their account lock.
+pub fn greetings(
+    greetings: Greetings,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let greetings = greetings.clone();
+        async move {
+            match greetings.run_due().await {
+                Ok(report) => {
+                    if report.greetings > 0 {
+                        tracing::info!(
+                            greetings = report.greetings,
+                            gifts = report.gifts,
+                            bonuses = report.bonuses,
+                            "greetings made"
+                        );
+                    }
+                }
+                Err(error) => {
+                    if let Some(suppressed) = GREETING_FAILURES.admit() {
+                        tracing::warn!(%error, suppressed, "greeting job failed");
                     }
                 }
             }

@@ -265,7 +265,7 @@ pub async fn credit_bonus(
         versions: 1,
         ..AccountChange::default()
     };
-    store::write_account(conn, merchant, customer, change)
+    store::write_account(conn, merchant, customer, change, None)
         .await?
         .ok_or_else(|| Error::internal("a credited account was not written"))
 }

@@ -318,6 +318,9 @@ pub struct Options {
     /// and expiry warnings are left to the test, which runs passes by hand through
     /// `TestApp::events`.
     pub events: loyalty::events::EventsConfig,
+    /// The background greeting job; `None` (the default) leaves it to the test, which runs
+    /// passes by hand through `TestApp::greetings`.
+    pub greeting_interval: Option<Duration>,
     pub db_max_connections: u32,
     /// How long a request waits for a pooled connection (e.g. while Postgres is down).
     pub db_acquire_timeout: Duration,
@@ -381,6 +384,7 @@ impl Default for Options {
                 warning_interval: None,
                 ..loyalty::events::EventsConfig::default()
             },
+            greeting_interval: None,
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
             database_via: None,
@@ -444,6 +448,8 @@ pub struct TestApp {
     pub points: loyalty::points::Points,
     /// The server's event use cases (a test runs pruning and warning passes by hand).
     pub events: loyalty::events::Events,
+    /// The server's greeting use cases (a test runs job passes by hand).
+    pub greetings: loyalty::greetings::Greetings,
     pub pool: PgPool,
     pub key_prefix: String,
     stop: Option<oneshot::Sender<()>>,
@@ -510,6 +516,7 @@ impl TestApp {
             health_interval: options.health_interval,
             sweep_interval: options.sweep_interval,
             events: options.events,
+            greeting_interval: options.greeting_interval,
             shutdown_grace: Duration::from_secs(5),
             startup_timeout: Duration::from_secs(10),
             migrate: true,
@@ -530,6 +537,7 @@ impl TestApp {
         let store = app.store().clone();
         let points = app.points();
         let events = app.events();
+        let greetings = app.greetings();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -545,6 +553,7 @@ impl TestApp {
             store,
             points,
             events,
+            greetings,
             pool,
             key_prefix,
             stop: Some(stop),
