@@ -19,7 +19,12 @@
 //! acknowledged write stored exactly once with what the client was told and nothing stored
 //! that no client was told about, every hold committed XOR released and none left open past
 //! its expiry, gift stock never negative nor oversold, each code redeemed at most once, and
-//! the cache and GetBalance showing the committed state. Each scenario writes its figures to
+//! the cache and GetBalance showing the committed state. In the Redis, PostgreSQL and SIGKILL
+//! scenarios an event watcher (resuming from its last cursor after any error) and two
+//! greeting workers (claiming birthday greetings under a 2 s lease, acknowledging or walking
+//! away) run beside the tills; their audit requires every stored event received exactly once
+//! in strictly increasing cursor order, every purchase's purchase_recorded event among them,
+//! and no greeting held by two workers at once or acknowledged SENT twice. Each scenario writes its figures to
 //! `target/reliability/<scenario>.json` and prints them on one `RELIABILITY {...}` line. The
 //! workload is random; its seed is in the figures, and `LOYALTY_RELIABILITY_SEED` replays it
 //! (timing still varies).
