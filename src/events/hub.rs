@@ -106,18 +106,14 @@ impl Hub {
         };
         loop {
             if self.inner.sender.receiver_count() == 0 {
-                // No watcher: nothing to read. Skip to the top (committed and numbered),
-                // taken BEFORE looking at the watchers again: one that subscribes after that
-                // look replays up to the top (at least) from the database, and only takes
-                // from the broadcast what comes after it.
-                let mut top = self.inner.announced.load(Ordering::SeqCst);
-                let read_top = async {
-                    let mut conn = store.acquire().await?;
-                    store::last_position(&mut conn).await
-                };
-                if let Ok(position) = read_top.await {
-                    top = top.max(position);
-                }
+                // No watcher: nothing to read (and no query: an idle replica sends Postgres
+                // nothing but the sequencer's check). Skip to what is announced, loaded
+                // BEFORE looking at the watchers again: announced positions are committed, so
+                // a watcher that subscribes after that look replays at least up to them from
+                // the database, and only takes from the broadcast what comes after. (A lost
+                // notification leaves `last` behind: the next watcher's first read is longer,
+                // and drops what it replayed already.)
+                let top = self.inner.announced.load(Ordering::SeqCst);
                 if self.inner.sender.receiver_count() == 0 {
                     last = last.max(top);
                 } else {

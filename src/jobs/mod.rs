@@ -145,7 +145,10 @@ pub fn greetings(
 /// that only one replica holds at a time (see `events::store::sequence`). Every replica runs
 /// one, so the stream goes on when any replica stops; a replica that finds the lock taken
 /// leaves the turn to the holder. The delay from a commit to its position is at most about
-/// `interval` (plus the batch's own statement).
+/// `interval` (plus the batch's own statement). It polls rather than waiting for a NOTIFY
+/// from the writers: a NOTIFY takes a database-wide lock at commit, which would queue every
+/// checkout's commit behind the others'; an idle poll costs one index probe of the partial
+/// `events_unsequenced_idx`.
 pub fn event_sequencer(
     events: Events,
     interval: Duration,

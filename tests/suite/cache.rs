@@ -729,6 +729,13 @@ async fn while_redis_is_down_the_repair_job_sends_postgres_nothing() {
             redis_url: Some("redis://127.0.0.1:1".into()),
             database_via: Some(postgres.addr),
             health_interval: Duration::from_secs(60),
+            // The event sequencer polls Postgres on its own; not what is measured here.
+            events: loyalty::events::EventsConfig {
+                poll_interval: Duration::from_secs(60),
+                prune_interval: None,
+                warning_interval: None,
+                ..loyalty::events::EventsConfig::default()
+            },
             ..Options::default()
         },
     )

@@ -110,8 +110,9 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
     let app = TestApp::spawn().await;
     let (merchant, pos, scheduler) = shop(&app).await;
     let mut checkout = app.checkout(&pos).await;
+    let receipt = purchase("card-1", "r-1", 10_000);
     let bought = checkout
-        .record_purchase(purchase("card-1", "r-1", 10_000))
+        .record_purchase(receipt.clone())
         .await
         .unwrap()
         .into_inner();
@@ -256,11 +257,8 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
         );
     }
 
-    // A replay of the same key writes nothing new.
-    checkout
-        .record_purchase(purchase("card-1", "r-1", 10_000))
-        .await
-        .unwrap();
+    // A replay of the same request writes nothing new.
+    checkout.record_purchase(receipt).await.unwrap();
     quiet(&mut stream, Duration::from_millis(400)).await;
 
     // Resuming from a cursor gives exactly what followed it.
@@ -477,12 +475,18 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice_while_w
     let expected: BTreeSet<String> = (0..WRITERS)
         .flat_map(|w| (0..EACH).map(move |i| format!("w{w}-{i}")))
         .collect();
-    assert_eq!(unique.into_iter().cloned().collect::<BTreeSet<_>>(), expected);
+    assert_eq!(
+        unique.into_iter().cloned().collect::<BTreeSet<_>>(),
+        expected
+    );
     assert!(reconnects > 10);
     for stayer in stayers {
         let seen = stayer.await.unwrap();
         let unique: BTreeSet<String> = seen.iter().cloned().collect();
-        assert_eq!(unique, expected, "a watcher that stayed saw each purchase once");
+        assert_eq!(
+            unique, expected,
+            "a watcher that stayed saw each purchase once"
+        );
     }
     // And nothing after the last one.
     let mut stream = watch(&app, &scheduler, &cursor, &[]).await;
@@ -536,7 +540,10 @@ async fn an_event_committed_late_is_streamed_after_what_was_streamed_never_skipp
     let late = next(&mut live).await;
     assert_eq!(kind(&late), pb::EventType::GreetingDue);
     assert!(position(&late) > position(&fast));
-    assert_eq!(late.balance, None, "an event about no customer has no balance");
+    assert_eq!(
+        late.balance, None,
+        "an event about no customer has no balance"
+    );
     assert_eq!(late.external_id, "");
     assert_eq!(next(&mut resumed).await, late);
     quiet(&mut live, Duration::from_millis(300)).await;
@@ -590,7 +597,10 @@ async fn a_cursor_older_than_the_retention_is_out_of_range_never_skipped() {
 
     clock.advance(Duration::from_secs(169 * 3600));
     let pruned = app.events.prune(2).await.unwrap();
-    assert_eq!(pruned.deleted, 4, "the old events of both merchants, in batches of 2");
+    assert_eq!(
+        pruned.deleted, 4,
+        "the old events of both merchants, in batches of 2"
+    );
 
     let status = try_watch(&app, &scheduler, &first.cursor, &[])
         .await
@@ -771,4 +781,98 @@ async fn two_replicas_stream_every_event_once_in_the_same_order() {
     drop(two);
     pool.close().await;
     db.drop_database().await;
+}
+
+/// A watcher that stops reading while ten thousand events arrive falls further behind than
+/// the shared reader's broadcast holds (the events are large, so that HTTP/2 flow control
+/// stops the server's sending after a thousand or so); it then reads them from the database
+/// from its own cursor: every one, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_lags_behind_the_broadcast_reads_the_rest_from_the_database() {
+    let app = TestApp::spawn().await;
+    let (merchant, _pos, scheduler) = shop(&app).await;
+    let mut stream = watch(&app, &scheduler, "", &[]).await;
+    quiet(&mut stream, Duration::from_millis(100)).await;
+    const N: i64 = 10_000;
+    assert!(N as usize > 2 * loyalty::events::hub::CAPACITY);
+    sqlx::query(
+        "INSERT INTO events (merchant_id, kind, details)
+         SELECT $1, 'greeting_due', jsonb_build_object('n', n, 'pad', repeat('x', 2000))
+           FROM generate_series(1, $2) AS n",
+    )
+    .bind(merchant.id.0)
+    .bind(N)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Numbered and broadcast while the watcher does not read.
+    for _ in 0..200 {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE position IS NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut last = 0;
+    let mut seen = BTreeSet::new();
+    for _ in 0..N {
+        let event = next(&mut stream).await;
+        assert!(position(&event) > last, "out of order or repeated");
+        last = position(&event);
+        assert!(seen.insert(details(&event)["n"].as_i64().unwrap()));
+    }
+    assert_eq!(seen, (1..=N).collect::<BTreeSet<_>>());
+    quiet(&mut stream, Duration::from_millis(300)).await;
+    app.stop().await;
+}
+
+/// A gift claimed with points: its gift_issued event carries the balance after the price
+/// (the claim's account write comes before its grant's statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gift_claimed_with_points_is_issued_with_the_balance_after_its_price() {
+    let app = TestApp::spawn().await;
+    let (merchant, pos, scheduler) = shop(&app).await;
+    app.checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 10_000))
+        .await
+        .unwrap();
+    app.program(&merchant.admin_key)
+        .await
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(pb::Gift {
+                gift_id: "tote".into(),
+                name: "Tote bag".into(),
+                kind: pb::GiftKind::Item as i32,
+                points_price: Some(60),
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut stream = watch(&app, &scheduler, "", &[pb::EventType::GiftIssued]).await;
+    let claimed = app
+        .member(&pos)
+        .await
+        .claim_gift(pb::ClaimGiftRequest {
+            external_id: "card-1".into(),
+            gift_id: "tote".into(),
+            claim_key: "claim-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let issued = next(&mut stream).await;
+    assert_eq!(details(&issued)["source"], "points");
+    assert_eq!(details(&issued)["gift_id"], "tote");
+    assert_eq!(issued.balance, claimed.balance);
+    assert_eq!(issued.balance.unwrap().available, 100 - 60);
+    quiet(&mut stream, Duration::from_millis(300)).await;
+    app.stop().await;
 }
