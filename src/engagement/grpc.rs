@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::events::Events;
 use crate::events::rules::{Cursor, EventKind, Watch};
 use crate::events::store::StoredEvent;
+use crate::gifts::rules::GiftCode;
 use crate::greetings::Greetings;
 use crate::greetings::rules::{
     self, ClaimRequest, Occasion, OccasionKind, Occurrence, Outcome, UpcomingRequest,
@@ -98,7 +99,11 @@ fn greeting_message(row: ClaimedRow) -> pb::Greeting {
         }),
         local_date: row.local_date.to_string(),
         channels,
-        gift_code: row.gift_code.unwrap_or_default(),
+        // As GiftGrant shows it (grouped for people); the till accepts either form.
+        gift_code: row
+            .gift_code
+            .map(|code| GiftCode::from_stored(code).display())
+            .unwrap_or_default(),
         bonus_points: row.bonus_points,
         attempts: u32::try_from(row.attempts.saturating_sub(1)).unwrap_or(0),
         lease_expires_at: Some(timestamp(row.lease_expires_at)),

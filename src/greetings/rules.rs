@@ -1331,4 +1331,213 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_birthday_reward_names_its_bad_fields() {
+        assert!(fields(reward(Some("cake"), 100)).is_empty());
+        assert!(fields(reward(None, 0)).is_empty());
+        assert!(reward(None, 0).birthday_reward.is_empty());
+        assert_eq!(
+            fields(reward(Some(""), -1)),
+            [
+                "program.occasions.birthday_reward.gift_id",
+                "program.occasions.birthday_reward.bonus_points"
+            ]
+        );
+        assert_eq!(
+            fields(reward(Some(&"g".repeat(65)), MAX_BIRTHDAY_BONUS_POINTS + 1)),
+            [
+                "program.occasions.birthday_reward.gift_id",
+                "program.occasions.birthday_reward.bonus_points"
+            ]
+        );
+        // A stored program without a reward reads as none.
+        let stored: OccasionProgram = serde_json::from_str(r#"{"birthdays": true}"#).unwrap();
+        assert!(stored.birthday_reward.is_empty());
+    }
+
+    #[test]
+    fn candidates_cover_every_local_day_on_earth_and_the_leap_day() {
+        // 31 December 2026, 10:30 UTC: 30 December in Pago Pago, 1 January in Kiritimati.
+        let dates = dates_somewhere(utc(2026, 12, 31, 10, 30), 1);
+        assert_eq!(
+            dates,
+            [
+                date(2026, 12, 29),
+                date(2026, 12, 30),
+                date(2026, 12, 31),
+                date(2027, 1, 1)
+            ]
+        );
+        for zone in [KIRITIMATI, PAGO_PAGO, Tz::UTC] {
+            assert!(dates.contains(&local_date(zone, utc(2026, 12, 31, 10, 30))));
+        }
+        let month_days = candidate_month_days(&dates);
+        assert!(month_days.contains(&(1, 2)) && month_days.contains(&(12, 28)));
+        assert!(!month_days.contains(&(2, 29)));
+        // 28 February of a common year brings the leaplings; of a leap year it does not.
+        let common = candidate_month_days(&[date(2027, 2, 28)]);
+        assert_eq!(common, [(2, 27), (2, 28), (2, 29), (3, 1)]);
+        let leap = candidate_month_days(&[date(2028, 2, 28)]);
+        assert_eq!(leap, [(2, 27), (2, 28), (2, 29)]);
+        assert!(holiday_among(&holidays(vec![new_year()]), &dates));
+        assert!(!holiday_among(&holidays(vec![new_year()]), &dates[..3]));
+        assert!(greets_anything(&OccasionProgram::default()));
+    }
+
+    #[test]
+    fn only_the_current_lease_acks_and_a_replay_answers_the_same() {
+        let leased = LeaseState {
+            status: GreetingStatus::Leased,
+            lease_token: Some("t2".into()),
+            acked: Some(("t1".into(), Outcome::RetryLater)),
+            attempts: 2,
+        };
+        assert_eq!(
+            judge_ack(&leased, "t2", Outcome::Sent),
+            AckVerdict::Apply(Outcome::Sent)
+        );
+        // The older lease's token: its own ack replays, anything else is stale.
+        assert_eq!(
+            judge_ack(&leased, "t1", Outcome::RetryLater),
+            AckVerdict::Replay
+        );
+        assert_eq!(
+            judge_ack(&leased, "t1", Outcome::Sent),
+            AckVerdict::Conflict(Outcome::RetryLater)
+        );
+        assert_eq!(judge_ack(&leased, "t0", Outcome::Sent), AckVerdict::Stale);
+        let sent = LeaseState {
+            status: GreetingStatus::Sent,
+            lease_token: None,
+            acked: Some(("t2".into(), Outcome::Sent)),
+            attempts: 2,
+        };
+        assert_eq!(judge_ack(&sent, "t2", Outcome::Sent), AckVerdict::Replay);
+        assert_eq!(
+            judge_ack(&sent, "t2", Outcome::RetryLater),
+            AckVerdict::Conflict(Outcome::Sent)
+        );
+        let due = LeaseState {
+            status: GreetingStatus::Due,
+            lease_token: None,
+            acked: None,
+            attempts: 0,
+        };
+        assert_eq!(judge_ack(&due, "", Outcome::Sent), AckVerdict::Stale);
+        for o in [
+            Outcome::Sent,
+            Outcome::FailedPermanently,
+            Outcome::RetryLater,
+        ] {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(retry_delay(1), TimeDelta::minutes(1));
+        assert_eq!(retry_delay(3), TimeDelta::minutes(4));
+        assert_eq!(retry_delay(u32::MAX), TimeDelta::hours(6));
+        assert_eq!(retry_delay(0), TimeDelta::minutes(1));
+    }
+
+    #[test]
+    fn claim_and_listing_requests_name_their_bad_fields() {
+        assert_eq!(
+            ClaimRequest::parse(0, 0),
+            Ok(ClaimRequest {
+                limit: DEFAULT_CLAIM_LIMIT,
+                lease_seconds: DEFAULT_LEASE_SECONDS
+            })
+        );
+        let bad = ClaimRequest::parse(MAX_CLAIM_LIMIT + 1, MAX_LEASE_SECONDS + 1).unwrap_err();
+        assert_eq!(
+            bad.0.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+            ["limit", "lease_seconds"]
+        );
+        let now = utc(2026, 12, 1, 0, 0);
+        let first = UpcomingRequest::parse(None, 0, 0, "", now).unwrap();
+        assert_eq!((first.from, first.days, first.page_size), (now, 30, 100));
+        let bad = UpcomingRequest::parse(None, 367, 501, "nope", now).unwrap_err();
+        assert_eq!(
+            bad.0.iter().map(|v| v.field.as_str()).collect::<Vec<_>>(),
+            ["days", "page_size", "page_token"]
+        );
+        // A token carries its window: the next page keeps the first request's `from`.
+        let token = UpcomingToken {
+            from: utc(2026, 11, 30, 12, 0),
+            days: 7,
+            after: UpcomingCursor {
+                starts_at: utc(2026, 12, 2, 0, 0),
+                external_id: "card-1".into(),
+                occasion: "birthday".into(),
+            },
+        };
+        let next = UpcomingRequest::parse(Some(now), 30, 10, &encode_token(&token), now).unwrap();
+        assert_eq!(next.from, token.from);
+        assert_eq!(next.days, 7);
+        assert_eq!(next.after, Some(token.after));
+    }
+
+    #[test]
+    fn pages_of_upcoming_occasions_are_soonest_first_and_resume_after_the_cursor() {
+        let from = utc(2026, 12, 20, 0, 0);
+        let program = holidays(vec![new_year()]);
+        let east = customer(KIRITIMATI, born(12, 25, None));
+        let west = customer(PAGO_PAGO, born(12, 25, None));
+        let mut page = Vec::new();
+        merge_page(
+            &mut page,
+            upcoming_entries(&program, &west, "w", from, 30),
+            None,
+            10,
+        );
+        merge_page(
+            &mut page,
+            upcoming_entries(&program, &east, "e", from, 30),
+            None,
+            10,
+        );
+        let order: Vec<(String, String)> = page
+            .iter()
+            .map(|e| (e.cursor.external_id.clone(), e.cursor.occasion.clone()))
+            .collect();
+        // Kiritimati's days start 25 hours before Pago Pago's.
+        assert_eq!(
+            order,
+            [
+                ("e".to_string(), "birthday".to_string()),
+                ("w".to_string(), "birthday".to_string()),
+                ("e".to_string(), "holiday:new-year".to_string()),
+                ("w".to_string(), "holiday:new-year".to_string()),
+            ]
+        );
+        assert_eq!(
+            page[0].cursor.starts_at,
+            utc(2026, 12, 24, 10, 0),
+            "25 December starts at 10:00 UTC the day before in UTC+14"
+        );
+        let after = page[1].cursor.clone();
+        let mut rest = Vec::new();
+        merge_page(
+            &mut rest,
+            upcoming_entries(&program, &east, "e", from, 30),
+            Some(&after),
+            1,
+        );
+        merge_page(
+            &mut rest,
+            upcoming_entries(&program, &west, "w", from, 30),
+            Some(&after),
+            1,
+        );
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].cursor, page[2].cursor);
+        assert_eq!(
+            GreetingKey {
+                customer_id: 7,
+                occasion: "holiday:a:b".into(),
+                year: 2027
+            }
+            .reference(),
+            "7:holiday:a:b:2027"
+        );
+    }
 }

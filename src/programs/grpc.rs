@@ -235,37 +235,43 @@ fn occasions_input(settings: Option<pb::OccasionSettings>) -> Result<OccasionPro
     let mut holidays = Vec::with_capacity(settings.holidays.len());
     for (i, holiday) in settings.holidays.into_iter().enumerate() {
         let field = format!("program.occasions.holidays[{i}].date");
+        // A date refused here keeps its place (a placeholder), so that the violations
+        // `check` adds below name the right index; the result is dropped with the error.
+        let refused = HolidayDate::Once {
+            date: chrono::NaiveDate::MIN,
+        };
         let date = match holiday.date {
             None => {
                 v.add(field, "is required");
-                continue;
+                refused
             }
             Some(d) if d.year == 0 => HolidayDate::Yearly {
                 month: d.month,
                 day: d.day,
             },
             Some(d) => {
-                let Some((month, day)) =
-                    v.check(greetings::rules::month_day(&field, d.month, d.day))
-                else {
-                    continue;
-                };
+                let month_day = v.check(greetings::rules::month_day(&field, d.month, d.day));
                 let year = match i32::try_from(d.year) {
-                    Ok(year) if year <= 9999 => year,
+                    Ok(year) if year <= 9999 => Some(year),
                     _ => {
                         v.add(format!("{field}.year"), "must be between 1 and 9999, or 0");
-                        continue;
+                        None
                     }
                 };
-                match chrono::NaiveDate::from_ymd_opt(year, month, day) {
-                    Some(date) => HolidayDate::Once { date },
-                    None => {
-                        v.add(
-                            format!("{field}.day"),
-                            format!("{month}/{day} is not a date in {year}"),
-                        );
-                        continue;
+                match (month_day, year) {
+                    (Some((month, day)), Some(year)) => {
+                        match chrono::NaiveDate::from_ymd_opt(year, month, day) {
+                            Some(date) => HolidayDate::Once { date },
+                            None => {
+                                v.add(
+                                    format!("{field}.day"),
+                                    format!("{month}/{day} is not a date in {year}"),
+                                );
+                                refused
+                            }
+                        }
                     }
+                    _ => refused,
                 }
             }
         };
@@ -275,9 +281,8 @@ fn occasions_input(settings: Option<pb::OccasionSettings>) -> Result<OccasionPro
             date,
         });
     }
-    v.finish()?;
     let reward = settings.birthday_reward.unwrap_or_default();
-    Ok(OccasionProgram {
+    let occasions = OccasionProgram {
         birthdays: settings.birthdays,
         anniversaries: settings.anniversaries,
         holidays,
@@ -285,7 +290,11 @@ fn occasions_input(settings: Option<pb::OccasionSettings>) -> Result<OccasionPro
             gift_id: Some(reward.gift_id).filter(|id| !id.is_empty()),
             bonus_points: reward.bonus_points,
         },
-    })
+    };
+    // `ProgramRules::parse` checks it again; here so that every violation is named at once.
+    occasions.check(&mut v);
+    v.finish()?;
+    Ok(occasions)
 }
 
 fn occasions_message(occasions: OccasionProgram) -> pb::OccasionSettings {

@@ -11,6 +11,7 @@ mod customer_tokens;
 mod events;
 mod exhaustion;
 mod gifts;
+mod greetings;
 mod lifecycle;
 mod members;
 mod program;
