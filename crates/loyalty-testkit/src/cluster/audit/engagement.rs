@@ -557,10 +557,8 @@ mod tests {
             Vec::<String>::new()
         );
 
-        let breaks: Vec<(
-            &str,
-            Box<dyn Fn(&mut Vec<StoredEvent>, &mut Vec<String>, &mut WatchRecord)>,
-        )> = vec![
+        type Break = Box<dyn Fn(&mut Vec<StoredEvent>, &mut Vec<String>, &mut WatchRecord)>;
+        let breaks: Vec<(&str, Break)> = vec![
             (
                 "lost",
                 Box::new(|_, _, w| {
