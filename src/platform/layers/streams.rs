@@ -1,5 +1,5 @@
 //! Limits of streaming methods (declared `Kind::Streaming`: health's `Watch`, reflection, and
-//! the event stream to come). A stream may stay open for hours, so the unary limits do not fit:
+//! the event stream, `EngagementService.WatchEvents`). A stream may stay open for hours, so the unary limits do not fit:
 //!
 //! * it takes a slot of its own pool (`max_streams`) and holds it until the stream ends, so
 //!   watchers can never starve unary calls, nor unary calls watchers; when the pool is full a
