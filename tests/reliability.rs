@@ -19,7 +19,12 @@
 //! acknowledged write stored exactly once with what the client was told and nothing stored
 //! that no client was told about, every hold committed XOR released and none left open past
 //! its expiry, gift stock never negative nor oversold, each code redeemed at most once, and
-//! the cache and GetBalance showing the committed state. Each scenario writes its figures to
+//! the cache and GetBalance showing the committed state. In the Redis, PostgreSQL and SIGKILL
+//! scenarios an event watcher (resuming from its last cursor after any error) and two
+//! greeting workers (claiming birthday greetings under a 2 s lease, acknowledging or walking
+//! away) run beside the tills; their audit requires every stored event received exactly once
+//! in strictly increasing cursor order, every purchase's purchase_recorded event among them,
+//! and no greeting held by two workers at once or acknowledged SENT twice. Each scenario writes its figures to
 //! `target/reliability/<scenario>.json` and prints them on one `RELIABILITY {...}` line. The
 //! workload is random; its seed is in the figures, and `LOYALTY_RELIABILITY_SEED` replays it
 //! (timing still varies).
@@ -29,8 +34,9 @@ use loyalty_testkit as common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    self, Call, CatalogGift, Cluster, HOLD_RELEASE_SLACK, Mix, Record, Reply, Workload, audit,
-    audit_after_outage, figures, profile, receipt,
+    self, Call, CatalogGift, Cluster, EngagementAudit, EventWatcher, GreetingWorkers,
+    HOLD_RELEASE_SLACK, Mix, Record, Reply, Workload, audit, audit_after_outage, figures, profile,
+    receipt,
 };
 use futures::future::join_all;
 use loyalty::pb;
@@ -65,6 +71,72 @@ fn conclude(cluster: &Cluster, scenario: &str, violations: &[String], value: ser
 
 fn seed() -> u64 {
     Workload::new(1).seed
+}
+
+/// The scheduler-side callers attached to a fault scenario: birthday customers (greeted
+/// today, with and without consent), an event watcher that follows WatchEvents from the
+/// start and resumes from its last cursor after any error, and two greeting workers.
+struct Engagement {
+    watcher: EventWatcher,
+    workers: GreetingWorkers,
+    consenting: Vec<String>,
+    without_consent: Vec<String>,
+}
+
+/// Birthday customers with consent (one greeting each) and without (none).
+const BIRTHDAYS: usize = 40;
+const BIRTHDAYS_WITHOUT_CONSENT: usize = 5;
+
+async fn attach_engagement(cluster: &Cluster, seed: u64) -> Engagement {
+    let (consenting, without_consent) =
+        cluster::enroll_birthdays(cluster, BIRTHDAYS, BIRTHDAYS_WITHOUT_CONSENT).await;
+    Engagement {
+        watcher: EventWatcher::start(cluster),
+        workers: GreetingWorkers::start(cluster, 2, seed),
+        consenting,
+        without_consent,
+    }
+}
+
+/// After the scenario's audit (so the sweep has released every due hold and written its
+/// events): the greeting workers go on until every greeting is settled (at most 15 s), the
+/// watcher until it has the stream's last event (at most 15 s); then both are audited
+/// against the database (`cluster::audit::engagement`).
+async fn conclude_engagement(cluster: &Cluster, engagement: Engagement) -> EngagementAudit {
+    let made = engagement.consenting.len();
+    let workers = engagement
+        .workers
+        .stop_when(Duration::from_secs(15), || {
+            cluster::greetings_settled(cluster, made)
+        })
+        .await;
+    let end = cluster::stream_end(cluster, Duration::from_secs(10)).await;
+    let watched = engagement
+        .watcher
+        .stop_at(&end, Duration::from_secs(15))
+        .await;
+    let (events, purchases, greetings) = cluster::read_engagement(cluster).await;
+    let mut found = EngagementAudit::default();
+    cluster::check_events(&events, &purchases, &watched, &mut found);
+    cluster::check_greetings(
+        &greetings,
+        &workers,
+        &engagement.consenting,
+        &engagement.without_consent,
+        &mut found,
+    );
+    found
+}
+
+/// `extra` with the engagement figures added.
+fn with_engagement(
+    mut extra: serde_json::Value,
+    engagement: &EngagementAudit,
+) -> serde_json::Value {
+    if let (Some(map), Some(more)) = (extra.as_object_mut(), engagement.figures().as_object()) {
+        map.extend(more.clone());
+    }
+    extra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -330,6 +402,7 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
         balance: 30,
         ..Mix::till_day()
     };
+    let engagement = attach_engagement(&cluster, workload.seed).await;
     let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut redis = cluster.redis.connection().await;
@@ -356,6 +429,16 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
 
     let audit = audit(&cluster, &record, Duration::from_secs(10)).await;
     let mut violations = redis_away_violations(&record, &audit);
+    let engagement = conclude_engagement(&cluster, engagement).await;
+    violations.extend(engagement.violations.iter().cloned());
+    // Redis is a cache: the scheduler's calls, the stream included, never fail without it.
+    if engagement.watcher_reconnects > 0 || !engagement.greeting_failed_attempts.is_empty() {
+        violations.push(format!(
+            "scheduler calls failed although only Redis was away: stream ended {:?}, greeting \
+             calls {:?}",
+            engagement.watcher_stream_errors, engagement.greeting_failed_attempts
+        ));
+    }
     if keys_before == 0 || keys_after == 0 {
         violations.push(format!(
             "the cache was not in use: {keys_before} entries before the stop, {keys_after} \
@@ -371,18 +454,21 @@ async fn scenario_3_redis_stopped_and_restarted_under_load() {
         &record,
         &audit,
         ran,
-        serde_json::json!({
-            "fault": "redis-server killed, restarted empty on the same port; later frozen (SIGSTOP) for 2 s",
-            "redis_down_ms": (restarted_at - stopped_at).as_millis() as u64,
-            "redis_frozen_ms": (thawed_at - frozen_at).as_millis() as u64,
-            "faults_injected": 2,
-            "acknowledged_writes_while_redis_down": record.writes_between(stopped_at, restarted_at),
-            "acknowledged_writes_while_redis_frozen": record.writes_between(frozen_at, thawed_at),
-            "cache_entries_before_stop": keys_before,
-            "cache_entries_4s_after_restart": keys_after,
-            "workers": workload.workers,
-            "seed": workload.seed,
-        }),
+        with_engagement(
+            serde_json::json!({
+                "fault": "redis-server killed, restarted empty on the same port; later frozen (SIGSTOP) for 2 s",
+                "redis_down_ms": (restarted_at - stopped_at).as_millis() as u64,
+                "redis_frozen_ms": (thawed_at - frozen_at).as_millis() as u64,
+                "faults_injected": 2,
+                "acknowledged_writes_while_redis_down": record.writes_between(stopped_at, restarted_at),
+                "acknowledged_writes_while_redis_frozen": record.writes_between(frozen_at, thawed_at),
+                "cache_entries_before_stop": keys_before,
+                "cache_entries_4s_after_restart": keys_after,
+                "workers": workload.workers,
+                "seed": workload.seed,
+            }),
+            &engagement,
+        ),
     );
     conclude(&cluster, "3-redis-restart", &violations, value);
 }
@@ -559,6 +645,7 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start("4-postgres-crash").await;
     let workload = Workload::new(8);
+    let engagement = attach_engagement(&cluster, workload.seed).await;
     let running = workload.start(&cluster).await;
     let (stop_health, health) = watch_health(cluster.endpoint());
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -589,6 +676,8 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
     )
     .await;
     let mut violations = audit.violations.clone();
+    let engagement = conclude_engagement(&cluster, engagement).await;
+    violations.extend(engagement.violations.iter().cloned());
     let failures_in_outage = record.failures_between(crashed_at, back_at);
     if failures_in_outage == 0 {
         violations.push("no client noticed that PostgreSQL was down".into());
@@ -638,17 +727,20 @@ async fn scenario_4_postgres_crashed_with_immediate_shutdown_under_load() {
         &record,
         &audit,
         ran,
-        serde_json::json!({
-            "fault": "pg_ctl -m immediate stop, down 2 s, crash recovery",
-            "postgres_down_ms": (back_at - crashed_at).as_millis() as u64,
-            "faults_injected": 1,
-            "failed_attempts_during_outage": failures_in_outage,
-            "acknowledged_writes_during_outage": record.writes_between(crashed_at, back_at),
-            "recovery_ms": recovered_in.map(|d| d.as_millis() as u64),
-            "health_not_serving_seen": not_serving_seen,
-            "workers": workload.workers,
-            "seed": workload.seed,
-        }),
+        with_engagement(
+            serde_json::json!({
+                "fault": "pg_ctl -m immediate stop, down 2 s, crash recovery",
+                "postgres_down_ms": (back_at - crashed_at).as_millis() as u64,
+                "faults_injected": 1,
+                "failed_attempts_during_outage": failures_in_outage,
+                "acknowledged_writes_during_outage": record.writes_between(crashed_at, back_at),
+                "recovery_ms": recovered_in.map(|d| d.as_millis() as u64),
+                "health_not_serving_seen": not_serving_seen,
+                "workers": workload.workers,
+                "seed": workload.seed,
+            }),
+            &engagement,
+        ),
     );
     conclude(&cluster, "4-postgres-crash", &violations, value);
 }
@@ -658,6 +750,7 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start("5-server-sigkill").await;
     let workload = Workload::new(8);
+    let engagement = attach_engagement(&cluster, workload.seed).await;
     let running = workload.start(&cluster).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -677,6 +770,11 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
     let outage = restarted_at - killed_at + ready_in;
     let audit = audit_after_outage(&cluster, &record, Duration::from_secs(5), outage).await;
     let mut violations = audit.violations.clone();
+    let engagement = conclude_engagement(&cluster, engagement).await;
+    violations.extend(engagement.violations.iter().cloned());
+    if engagement.watcher_reconnects == 0 {
+        violations.push("the watcher never noticed that the server was gone".into());
+    }
     if record.failures_between(killed_at, restarted_at) == 0 {
         violations.push("no client noticed that the server was gone".into());
     }
@@ -691,16 +789,19 @@ async fn scenario_5_server_killed_with_sigkill_and_restarted_under_load() {
         &record,
         &audit,
         ran,
-        serde_json::json!({
-            "fault": "loyalty serve SIGKILLed, restarted on the same port after 0.5 s",
-            "server_down_ms": (restarted_at - killed_at).as_millis() as u64,
-            "faults_injected": 1,
-            "serving_after_start_ms": ready_in.as_millis() as u64,
-            "recovery_ms": recovered_in.map(|d| d.as_millis() as u64),
-            "failed_attempts_while_down": record.failures_between(killed_at, restarted_at),
-            "workers": workload.workers,
-            "seed": workload.seed,
-        }),
+        with_engagement(
+            serde_json::json!({
+                "fault": "loyalty serve SIGKILLed, restarted on the same port after 0.5 s",
+                "server_down_ms": (restarted_at - killed_at).as_millis() as u64,
+                "faults_injected": 1,
+                "serving_after_start_ms": ready_in.as_millis() as u64,
+                "recovery_ms": recovered_in.map(|d| d.as_millis() as u64),
+                "failed_attempts_while_down": record.failures_between(killed_at, restarted_at),
+                "workers": workload.workers,
+                "seed": workload.seed,
+            }),
+            &engagement,
+        ),
     );
     conclude(&cluster, "5-server-sigkill", &violations, value);
 }

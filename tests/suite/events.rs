@@ -377,7 +377,7 @@ async fn watch_events_checks_its_arguments_and_its_scope() {
     // Admins may watch too.
     let mut admin = watch(&app, &merchant.admin_key, "", &[]).await;
     quiet(&mut admin, Duration::from_millis(200)).await;
-    // The same scheduler key reaches the greeting RPCs of the service (none are due here).
+    // The greeting RPCs of the same service answer the same key (nothing is due here).
     let claimed = app
         .engagement(&scheduler)
         .await

@@ -69,15 +69,31 @@ pub struct Args {
     pub warmup_seconds: u64,
 
     /// Scenarios to run (always in the order health, balance, balance_cold, pgbench, checkout,
-    /// redeem_pgbench, redeem, mixed, so that each ceiling and its scenario meet the same
-    /// database).
+    /// watch, redeem_pgbench, redeem, mixed, so that each ceiling and its scenario meet the
+    /// same database).
     #[arg(
         long,
         env = "LOYALTY_BENCH_SCENARIOS",
         value_delimiter = ',',
-        default_value = "health,balance,balance_cold,checkout,mixed,pgbench,redeem,redeem_pgbench"
+        default_value = "health,balance,balance_cold,checkout,watch,mixed,pgbench,redeem,redeem_pgbench"
     )]
     pub scenarios: Vec<Scenario>,
+
+    /// `watch`: WatchEvents streams (each on its own connection, with a scheduler key) that
+    /// follow the merchant's events while the checkout load runs.
+    #[arg(
+        long,
+        env = "LOYALTY_BENCH_WATCHERS",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..=256)
+    )]
+    pub watchers: u32,
+
+    /// JSON lines (`--json` output) of a run of another build, e.g. the commit before the
+    /// outbox: this run's closed-loop `checkout` is compared with that run's at each scale
+    /// (verdict: checkout >= 0.9 x baseline).
+    #[arg(long, env = "LOYALTY_BENCH_BASELINE", value_name = "JSONL")]
+    pub baseline: Option<PathBuf>,
 
     /// Requests per second of the open-loop run of each scenario: `auto` (70 % of that
     /// scenario's closed-loop rate), `off`, or a number.
@@ -159,6 +175,10 @@ pub enum Scenario {
     BalanceCold,
     /// RecordPurchase: fresh purchase ids, random customers.
     Checkout,
+    /// `checkout`'s load while `--watchers` WatchEvents streams follow the merchant's events:
+    /// events delivered per second, the delay from commit to delivery, and every
+    /// purchase_recorded event received exactly once by every watcher.
+    Watch,
     /// 80 % GetBalance, 20 % RecordPurchase.
     Mixed,
     /// pgbench running the statements of one RecordPurchase: the database ceiling.
@@ -174,12 +194,13 @@ pub enum Scenario {
 impl Scenario {
     /// Each ceiling right before its scenario (pgbench before checkout, redeem_pgbench before
     /// redeem): the two meet the same database (size, bloat, WAL).
-    pub const RUN_ORDER: [Scenario; 8] = [
+    pub const RUN_ORDER: [Scenario; 9] = [
         Scenario::Health,
         Scenario::Balance,
         Scenario::BalanceCold,
         Scenario::Pgbench,
         Scenario::Checkout,
+        Scenario::Watch,
         Scenario::RedeemPgbench,
         Scenario::Redeem,
         Scenario::Mixed,
@@ -191,6 +212,7 @@ impl Scenario {
             Scenario::Balance => "balance",
             Scenario::BalanceCold => "balance_cold",
             Scenario::Checkout => "checkout",
+            Scenario::Watch => "watch",
             Scenario::Mixed => "mixed",
             Scenario::Pgbench => "pgbench",
             Scenario::Redeem => "redeem",
@@ -292,6 +314,26 @@ mod tests {
             vec![Scenario::BalanceCold, Scenario::Checkout]
         );
         assert_eq!(args.open_rate, OpenRate::Fixed(1500.0));
+        assert_eq!(args.watchers, 8);
+        assert_eq!(args.baseline, None);
+        let watch = Args::try_parse_from([
+            "loyalty-bench",
+            "--scenarios",
+            "watch,checkout",
+            "--watchers",
+            "3",
+            "--baseline",
+            "before.jsonl",
+        ])
+        .unwrap();
+        assert_eq!(
+            watch.scenarios_in_order(),
+            vec![Scenario::Checkout, Scenario::Watch],
+            "watch runs right after checkout, on the same database"
+        );
+        assert_eq!(watch.watchers, 3);
+        assert_eq!(watch.baseline, Some(PathBuf::from("before.jsonl")));
+        assert!(Args::try_parse_from(["loyalty-bench", "--watchers", "0"]).is_err());
         let redeem =
             Args::try_parse_from(["loyalty-bench", "--scenarios", "redeem,redeem_pgbench"])
                 .unwrap();

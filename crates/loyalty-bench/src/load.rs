@@ -2,6 +2,7 @@
 //! to back) and open loop (a fixed arrival schedule, latency from the intended send time, so a
 //! slow server cannot hide behind a slowed-down client: no coordinated omission).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -75,7 +76,8 @@ impl Workload {
         match scenario {
             Scenario::Health => Some(Workload::new(&[(Op::Health, 1)])),
             Scenario::Balance | Scenario::BalanceCold => Some(Workload::new(&[(Op::Balance, 1)])),
-            Scenario::Checkout => Some(Workload::new(&[(Op::Checkout, 1)])),
+            // `watch` runs checkout's very load (its watchers are beside it: `watch.rs`).
+            Scenario::Checkout | Scenario::Watch => Some(Workload::new(&[(Op::Checkout, 1)])),
             Scenario::Mixed => Some(Workload::new(MIXED)),
             Scenario::Redeem => Some(Workload::new(&[(Op::Redeem, 1)])),
             Scenario::Pgbench | Scenario::RedeemPgbench => None,
@@ -120,12 +122,25 @@ enum Prepared {
     Redeem(pb::ReservePointsRequest),
 }
 
+/// The purchase ids of every checkout sent (warm-up included), by how it was answered: what
+/// the `watch` scenario's watchers must have received.
+#[derive(Debug, Default)]
+pub struct PurchaseLog {
+    /// Answered OK: committed, so its purchase_recorded event must reach every watcher.
+    pub ok: HashSet<String>,
+    /// Answered with an error: committed or not (a deadline can pass after the commit), so
+    /// its event may come at most once.
+    pub failed: HashSet<String>,
+}
+
 /// A server under load: its connections and the keys the requests carry.
 pub struct Target {
     channels: Vec<Channel>,
     app_auth: MetadataValue<Ascii>,
     pos_auth: MetadataValue<Ascii>,
     customers: u64,
+    /// Set for `watch`: every checkout's answer is logged by its purchase id.
+    purchase_log: Option<Arc<Mutex<PurchaseLog>>>,
 }
 
 impl Target {
@@ -159,7 +174,15 @@ impl Target {
             app_auth: bearer(&keys.app)?,
             pos_auth: bearer(&keys.pos)?,
             customers,
+            purchase_log: None,
         })
+    }
+
+    /// Logs every checkout's purchase id with its answer into `log` (one short lock per
+    /// checkout, outside the request).
+    pub fn with_purchase_log(mut self, log: Arc<Mutex<PurchaseLog>>) -> Target {
+        self.purchase_log = Some(log);
+        self
     }
 
     /// Builds the request of `op` for a random customer of the whole population.
@@ -220,11 +243,26 @@ impl Target {
                 .await
                 .map(drop)
                 .map_err(status_name),
-            Prepared::Checkout(message) => CheckoutServiceClient::new(channel)
-                .record_purchase(authorized(message, &self.pos_auth))
-                .await
-                .map(drop)
-                .map_err(status_name),
+            Prepared::Checkout(message) => {
+                let logged = self
+                    .purchase_log
+                    .as_ref()
+                    .map(|log| (log, message.purchase_id.clone()));
+                let answer = CheckoutServiceClient::new(channel)
+                    .record_purchase(authorized(message, &self.pos_auth))
+                    .await
+                    .map(drop)
+                    .map_err(status_name);
+                if let Some((log, purchase_id)) = logged {
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if answer.is_ok() {
+                        log.ok.insert(purchase_id);
+                    } else {
+                        log.failed.insert(purchase_id);
+                    }
+                }
+                answer
+            }
             Prepared::Redeem(message) => {
                 let mut client = CheckoutServiceClient::new(channel);
                 let reservation_id = message.reservation_id.clone();

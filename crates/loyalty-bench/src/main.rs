@@ -22,6 +22,7 @@ mod run;
 mod servers;
 mod setup;
 mod stats;
+mod watch;
 
 use std::process::ExitCode;
 

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::args::Scenario;
 use crate::cpu::CpuUse;
 use crate::stats::{Summary, ratio, round3};
+use crate::watch::Figures;
 
 /// The issue's targets.
 pub const BALANCE_VS_HEALTH: f64 = 0.6;
@@ -19,6 +20,8 @@ pub const REDEEM_VS_PGBENCH: f64 = 0.8;
 pub const REDEEM_P99_VS_PGBENCH: f64 = 2.0;
 pub const BIG_VS_SMALL: f64 = 0.8;
 pub const MAX_RSS_MB: f64 = 150.0;
+/// Checkout with the outbox against checkout of a build without it (`--baseline`).
+pub const CHECKOUT_VS_BASELINE: f64 = 0.9;
 /// The concurrency the targets are defined at.
 pub const TARGET_CONCURRENCY: u32 = 32;
 
@@ -78,6 +81,31 @@ pub struct Row {
     /// pgbench only: its own tps figure over the whole run, to cross-check ours.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pgbench_reported_tps: Option<f64>,
+    /// `watch` only (null elsewhere): the WatchEvents streams beside the checkout load.
+    pub watchers: Option<u32>,
+    /// Events of any type delivered within the measured window, summed over the watchers,
+    /// and per second (summed, per watcher on average, the slowest watcher's).
+    pub events_delivered: Option<u64>,
+    pub events_per_sec: Option<f64>,
+    pub events_per_sec_per_watcher: Option<f64>,
+    pub events_per_sec_min_watcher: Option<f64>,
+    /// From an event's `occurred_at` (set in its writing transaction) to its arrival at a
+    /// watcher, over the events that occurred within the measured window.
+    pub delivery_p50_ms: Option<f64>,
+    pub delivery_p99_ms: Option<f64>,
+    pub delivery_max_ms: Option<f64>,
+    /// (watcher, purchase) pairs of an OK checkout whose purchase_recorded event never came.
+    pub events_missing: Option<u64>,
+    /// Events of one purchase beyond the first, at one watcher.
+    pub events_duplicated: Option<u64>,
+    /// Purchases of this run that no checkout was sent for.
+    pub events_unexpected: Option<u64>,
+    /// Failed checkouts whose event came (they committed after all; allowed once).
+    pub events_of_failed_checkouts: Option<u64>,
+    /// Streams that ended with an error (each watcher then resumed from its last cursor).
+    pub stream_errors: Option<BTreeMap<String, u64>>,
+    /// How long after the load the last watcher had every acknowledged purchase.
+    pub drain_ms: Option<f64>,
 }
 
 impl Row {
@@ -117,7 +145,50 @@ impl Row {
             ceiling_p99_ms: None,
             p99_ratio: None,
             pgbench_reported_tps: None,
+            watchers: None,
+            events_delivered: None,
+            events_per_sec: None,
+            events_per_sec_per_watcher: None,
+            events_per_sec_min_watcher: None,
+            delivery_p50_ms: None,
+            delivery_p99_ms: None,
+            delivery_max_ms: None,
+            events_missing: None,
+            events_duplicated: None,
+            events_unexpected: None,
+            events_of_failed_checkouts: None,
+            stream_errors: None,
+            drain_ms: None,
         }
+    }
+
+    pub fn with_watch(mut self, figures: &Figures) -> Row {
+        self.watchers = Some(figures.watchers);
+        self.events_delivered = Some(figures.events);
+        self.events_per_sec = Some(figures.events_per_sec);
+        self.events_per_sec_per_watcher = Some(figures.events_per_sec_per_watcher);
+        self.events_per_sec_min_watcher = Some(figures.events_per_sec_min_watcher);
+        self.delivery_p50_ms = figures.delivery_p50_ms;
+        self.delivery_p99_ms = figures.delivery_p99_ms;
+        self.delivery_max_ms = figures.delivery_max_ms;
+        let e = &figures.exactness;
+        self.events_missing = Some(e.missing);
+        self.events_duplicated = Some(e.duplicated);
+        self.events_unexpected = Some(e.unexpected);
+        self.events_of_failed_checkouts = Some(e.committed_unanswered);
+        self.stream_errors = Some(figures.stream_errors.clone());
+        self.drain_ms = Some(figures.drain_ms);
+        self
+    }
+
+    /// `watch`: every watcher received every acknowledged purchase exactly once (`None`: not
+    /// a watch row).
+    pub fn watch_exact(&self) -> Option<bool> {
+        Some(
+            self.events_missing? == 0
+                && self.events_duplicated? == 0
+                && self.events_unexpected? == 0,
+        )
     }
 
     pub fn with_rss(mut self, bytes: Option<u64>) -> Row {
@@ -167,6 +238,27 @@ impl Row {
         )
     }
 
+    /// The watch figures' progress line (`None` for other rows).
+    pub fn watch_progress(&self) -> Option<String> {
+        Some(format!(
+            "  {:<14} {} watchers: {:.1} events/s ({:.1} per watcher, slowest {:.1})  \
+             delivery p50 {} ms  p99 {} ms  max {} ms  missing {}  duplicated {}  \
+             unexpected {}  stream errors {}",
+            "",
+            self.watchers?,
+            self.events_per_sec?,
+            self.events_per_sec_per_watcher?,
+            self.events_per_sec_min_watcher?,
+            ms(self.delivery_p50_ms),
+            ms(self.delivery_p99_ms),
+            ms(self.delivery_max_ms),
+            self.events_missing?,
+            self.events_duplicated?,
+            self.events_unexpected?,
+            self.stream_errors.as_ref()?.values().sum::<u64>(),
+        ))
+    }
+
     fn is(&self, scenario: &str, mode: Mode) -> bool {
         self.scenario == scenario && self.mode == mode
     }
@@ -178,15 +270,17 @@ fn closed<'a>(rows: &'a [Row], scenario: &str) -> Option<&'a Row> {
 
 /// Fills the ceiling comparisons of one scale's rows (closed loop only: an open loop's rate is
 /// chosen, not achieved): balance (and balance_cold) against health, checkout against pgbench,
-/// redeem against redeem_pgbench.
+/// redeem against redeem_pgbench, watch (checkout with watchers) against checkout.
 pub fn compare_with_ceilings(rows: &mut [Row]) {
     let health = closed(rows, "health").map(|r| r.rps);
+    let checkout = closed(rows, "checkout").map(|r| (r.rps, r.p99_ms));
     let pgbench = |name: &str| closed(rows, name).map(|r| (r.rps, r.p99_ms));
     let (checkout_ceiling, redeem_ceiling) = (pgbench("pgbench"), pgbench("redeem_pgbench"));
     for row in rows.iter_mut().filter(|r| r.mode == Mode::Closed) {
         let database = match row.scenario {
             "checkout" => checkout_ceiling.map(|c| ("pgbench", c)),
             "redeem" => redeem_ceiling.map(|c| ("redeem_pgbench", c)),
+            "watch" => checkout.map(|c| ("checkout", c)),
             _ => None,
         };
         match (row.scenario, health, database) {
@@ -274,7 +368,75 @@ fn check(target: String, measured: String, pass: Option<bool>) -> Check {
     }
 }
 
-pub fn verdict(rows: &[Row], scales: &[ScaleRow], concurrency: u32) -> Vec<Check> {
+/// The closed-loop checkout of another build's run (`--baseline`), per scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Baseline {
+    /// Where it was read from (named in the verdict).
+    pub source: String,
+    /// customers → (rps, concurrency) of its closed-loop checkout.
+    pub checkout: BTreeMap<u64, (f64, u32)>,
+}
+
+impl Baseline {
+    /// Reads the JSON lines a `--json` run printed (of this bench or of an older build of it:
+    /// only the keys `kind`, `scenario`, `mode`, `customers`, `concurrency` and `rps` of its
+    /// rows are read). A line that is not JSON, or a run without a closed-loop checkout, is an
+    /// error that names it.
+    pub fn parse(source: &str, text: &str) -> Result<Baseline, String> {
+        let mut checkout = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                format!(
+                    "{source}:{}: not a JSON line of `loyalty-bench --json`: {e}",
+                    n + 1
+                )
+            })?;
+            let text = |key: &str| value.get(key).and_then(|v| v.as_str());
+            if text("kind") != Some("run")
+                || text("scenario") != Some("checkout")
+                || text("mode") != Some("closed")
+            {
+                continue;
+            }
+            let number = |key: &str| value.get(key).and_then(|v| v.as_f64());
+            match (
+                value.get("customers").and_then(|v| v.as_u64()),
+                number("rps"),
+                value.get("concurrency").and_then(|v| v.as_u64()),
+            ) {
+                (Some(customers), Some(rps), Some(concurrency)) => {
+                    checkout.insert(customers, (rps, concurrency as u32));
+                }
+                _ => {
+                    return Err(format!(
+                        "{source}:{}: a checkout row without customers, rps or concurrency",
+                        n + 1
+                    ));
+                }
+            }
+        }
+        if checkout.is_empty() {
+            return Err(format!(
+                "{source}: no closed-loop checkout row (run the baseline with --json and the \
+                 checkout scenario)"
+            ));
+        }
+        Ok(Baseline {
+            source: source.to_string(),
+            checkout,
+        })
+    }
+}
+
+pub fn verdict(
+    rows: &[Row],
+    scales: &[ScaleRow],
+    concurrency: u32,
+    baseline: Option<&Baseline>,
+) -> Vec<Check> {
     let at = if concurrency == TARGET_CONCURRENCY {
         String::new()
     } else {
@@ -328,6 +490,52 @@ pub fn verdict(rows: &[Row], scales: &[ScaleRow], concurrency: u32) -> Vec<Check
                     _ => format!("{ceiling} not measured"),
                 },
                 row.p99_ratio.map(|r| r <= max_p99),
+            ));
+        }
+        if let (Some(row), Some(baseline)) = (closed(&of_scale, "checkout"), baseline) {
+            let target = format!(
+                "checkout >= {CHECKOUT_VS_BASELINE} x baseline checkout rps @ {n} customers \
+                 (baseline {})",
+                baseline.source
+            );
+            checks.push(match baseline.checkout.get(&n) {
+                Some(&(rps, at)) if at == row.concurrency => {
+                    let r = ratio(Some(row.rps), Some(rps)).map(round3);
+                    check(
+                        target,
+                        match r {
+                            Some(r) => format!("{r:.3} ({:.0} / {rps:.0} rps)", row.rps),
+                            None => "the baseline measured 0 rps".into(),
+                        },
+                        r.map(|r| r >= CHECKOUT_VS_BASELINE),
+                    )
+                }
+                Some(&(_, at)) => check(
+                    target,
+                    format!(
+                        "not comparable: the baseline ran at concurrency {at}, this run at {}",
+                        row.concurrency
+                    ),
+                    None,
+                ),
+                None => check(target, format!("the baseline has no checkout at {n}"), None),
+            });
+        }
+        if let Some(watch) = closed(&of_scale, "watch") {
+            checks.push(check(
+                format!(
+                    "watch: each of {} watchers got every acknowledged purchase_recorded \
+                     exactly once @ {n} customers",
+                    watch.watchers.unwrap_or(0)
+                ),
+                format!(
+                    "missing {}, duplicated {}, unexpected {} (every checkout of the run, \
+                     warm-up included)",
+                    watch.events_missing.unwrap_or(0),
+                    watch.events_duplicated.unwrap_or(0),
+                    watch.events_unexpected.unwrap_or(0)
+                ),
+                watch.watch_exact(),
             ));
         }
     }
@@ -467,6 +675,50 @@ pub fn scale_table(scales: &[ScaleRow]) -> String {
             s.ratio.map_or_else(|| "-".into(), |r| format!("{r:.3}")),
             ms(s.p99_ms),
             ms(s.baseline_p99_ms),
+        );
+    }
+    out
+}
+
+/// The `watch` rows' own figures: the delivered events, the delivery delay and the exactness.
+pub fn watch_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<9} {:>8} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>7}",
+        "customers",
+        "watchers",
+        "checkout rps",
+        "events/s",
+        "per watch",
+        "slowest",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "missing",
+        "dups",
+        "unexp",
+        "stream!"
+    );
+    for row in rows.iter().filter(|r| r.watchers.is_some()) {
+        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+        let count = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            out,
+            "{:<9} {:>8} {:>12.1} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>5} {:>5} {:>7}",
+            row.customers,
+            row.watchers.unwrap_or(0),
+            row.rps,
+            opt(row.events_per_sec),
+            opt(row.events_per_sec_per_watcher),
+            opt(row.events_per_sec_min_watcher),
+            ms(row.delivery_p50_ms),
+            ms(row.delivery_p99_ms),
+            ms(row.delivery_max_ms),
+            count(row.events_missing),
+            count(row.events_duplicated),
+            count(row.events_unexpected),
+            count(row.stream_errors.as_ref().map(|e| e.values().sum())),
         );
     }
     out
@@ -637,7 +889,7 @@ mod tests {
         let scales = compare_scales(&rows, &[10_000, 1_000_000]);
         let balance = scales.iter().find(|s| s.scenario == "balance").unwrap();
         assert_eq!(balance.ratio, Some(round3(5_000.0 / 7_000.0)));
-        let checks = verdict(&rows, &scales, 32);
+        let checks = verdict(&rows, &scales, 32, None);
         let find = |prefix: &str| {
             checks
                 .iter()
@@ -660,7 +912,7 @@ mod tests {
         assert_eq!(find("checkout @ 1000000 >= 0.8"), Some(true));
         assert_eq!(find("server RSS"), Some(true));
         assert!(checks.iter().all(|c| !c.target.contains("targets are set")));
-        let at_8 = verdict(&rows, &scales, 8);
+        let at_8 = verdict(&rows, &scales, 8, None);
         assert!(at_8[0].target.contains("ran at 8"));
     }
 
@@ -669,7 +921,7 @@ mod tests {
         let mut rows = vec![row(Scenario::Checkout, Mode::Closed, 10, 100.0, 1.0)];
         compare_with_ceilings(&mut rows);
         assert_eq!(rows[0].ratio, None);
-        let checks = verdict(&rows, &[], 32);
+        let checks = verdict(&rows, &[], 32, None);
         assert!(checks.iter().all(|c| c.pass.is_none()), "{checks:?}");
     }
 
@@ -702,6 +954,122 @@ mod tests {
         // Every row has the same keys, nulls included.
         let health = serde_json::to_value(closed(&rows, "health").unwrap()).unwrap();
         assert!(health["ceiling"].is_null() && health.get("ratio").is_some());
+    }
+
+    fn watch_row(customers: u64, rps: f64, exactness: crate::watch::Exactness) -> Row {
+        let figures = Figures {
+            watchers: 8,
+            events: 8 * 15_000,
+            events_per_sec: 12_000.0,
+            events_per_sec_per_watcher: 1_500.0,
+            events_per_sec_min_watcher: 1_480.0,
+            delivery_p50_ms: Some(21.0),
+            delivery_p99_ms: Some(48.0),
+            delivery_max_ms: Some(70.0),
+            exactness,
+            ..Figures::default()
+        };
+        row(Scenario::Watch, Mode::Closed, customers, rps, 60.0).with_watch(&figures)
+    }
+
+    #[test]
+    fn watch_is_compared_with_checkout_and_judged_on_exactness() {
+        let mut rows = scale(10_000, 7_000.0, 1_700.0);
+        rows.push(watch_row(10_000, 1_530.0, Default::default()));
+        compare_with_ceilings(&mut rows);
+        let watch = closed(&rows, "watch").unwrap();
+        assert_eq!(
+            (watch.ceiling, watch.ratio),
+            (Some("checkout"), Some(0.9)),
+            "the watchers' cost on checkout"
+        );
+        assert_eq!(watch.watch_exact(), Some(true));
+        assert_eq!(closed(&rows, "checkout").unwrap().watch_exact(), None);
+        let value = serde_json::to_value(watch).unwrap();
+        assert_eq!(value["events_per_sec"], 12_000.0);
+        assert_eq!(value["delivery_p99_ms"], 48.0);
+        assert_eq!(value["events_missing"], 0);
+        let checkout = serde_json::to_value(closed(&rows, "checkout").unwrap()).unwrap();
+        assert!(checkout["watchers"].is_null() && checkout.get("delivery_p99_ms").is_some());
+        let checks = verdict(&rows, &[], 32, None);
+        let exact = checks
+            .iter()
+            .find(|c| c.target.starts_with("watch: each of 8 watchers"))
+            .unwrap();
+        assert_eq!(exact.pass, Some(true));
+        assert!(watch.watch_progress().unwrap().contains("12000.0 events/s"));
+        assert!(watch_table(&rows).contains("12000.0"));
+
+        let lost = crate::watch::Exactness {
+            missing: 3,
+            ..Default::default()
+        };
+        let rows = vec![watch_row(10, 100.0, lost)];
+        let checks = verdict(&rows, &[], 32, None);
+        assert_eq!(checks[0].pass, Some(false), "{checks:?}");
+        assert!(checks[0].measured.contains("missing 3"));
+    }
+
+    #[test]
+    fn a_baseline_run_is_read_and_compared() {
+        let text = [
+            r#"{"kind":"machine","nproc":2}"#,
+            r#"{"kind":"run","scenario":"pgbench","mode":"closed","customers":10000,"concurrency":32,"rps":4000.0}"#,
+            r#"{"kind":"run","scenario":"checkout","mode":"open","customers":10000,"concurrency":32,"rps":1400.0}"#,
+            r#"{"kind":"run","scenario":"checkout","mode":"closed","customers":10000,"concurrency":32,"rps":2000.0}"#,
+            "",
+            r#"{"kind":"run","scenario":"checkout","mode":"closed","customers":1000000,"concurrency":16,"rps":1900.0}"#,
+            r#"{"kind":"verdict","target":"x","measured":"y","pass":true}"#,
+        ]
+        .join("\n");
+        let baseline = Baseline::parse("before.jsonl", &text).unwrap();
+        assert_eq!(
+            baseline.checkout.get(&10_000),
+            Some(&(2000.0, 32)),
+            "the closed loop, not the open one"
+        );
+        let mut rows = scale(10_000, 7_000.0, 1_700.0);
+        rows.extend(scale(1_000_000, 5_000.0, 1_900.0));
+        rows.extend(scale(50, 5_000.0, 1_900.0));
+        let checks = verdict(&rows, &[], 32, Some(&baseline));
+        let against: Vec<&Check> = checks
+            .iter()
+            .filter(|c| c.target.contains("x baseline checkout"))
+            .collect();
+        assert_eq!(against.len(), 3, "{checks:?}");
+        assert_eq!(against[0].pass, Some(false), "1700 / 2000 = 0.85 < 0.9");
+        assert!(against[0].measured.starts_with("0.850"));
+        assert!(against[0].target.contains("before.jsonl"));
+        assert_eq!(against[1].pass, None, "other concurrency: not comparable");
+        assert!(against[1].measured.contains("concurrency 16"));
+        assert_eq!(against[2].pass, None, "no baseline at that scale");
+        assert!(
+            verdict(&rows, &[], 32, None)
+                .iter()
+                .all(|c| !c.target.contains("baseline")),
+            "no baseline, no check"
+        );
+
+        assert!(
+            Baseline::parse("b", "warming the cache...")
+                .unwrap_err()
+                .contains("b:1")
+        );
+        assert!(
+            Baseline::parse(
+                "b",
+                r#"{"kind":"run","scenario":"balance","mode":"closed"}"#
+            )
+            .unwrap_err()
+            .contains("no closed-loop checkout")
+        );
+        assert!(
+            Baseline::parse(
+                "b",
+                r#"{"kind":"run","scenario":"checkout","mode":"closed"}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

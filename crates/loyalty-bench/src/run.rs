@@ -10,11 +10,12 @@ use loyalty::Store;
 
 use crate::args::{Args, Scenario};
 use crate::cpu::{self, CpuMeter};
-use crate::load::{self, Target, WORKERS_PER_CHANNEL, Window, Workload};
+use crate::load::{self, PurchaseLog, Target, WORKERS_PER_CHANNEL, Window, Workload};
 use crate::pgbench::{self, PgbenchRun};
-use crate::report::{self, Machine, Mode, Output, Row};
+use crate::report::{self, Baseline, Machine, Mode, Output, Row};
 use crate::servers::{self, CacheReads, RssSampler, Server, ServerSettings};
 use crate::setup::{self, BenchMerchant, Keys};
+use crate::watch::{self, WallWindow, Watchers};
 use crate::{cache, stats};
 
 /// Machine CPU use, with the bench idle, above which the figures cannot be trusted.
@@ -34,6 +35,9 @@ struct Bench {
     window: Window,
     /// API keys of this run, revoked in the clean-up (also after an error or Ctrl-C).
     issued_keys: Mutex<Vec<Keys>>,
+    /// Scenarios whose correctness check failed (a watcher missed or repeated an event): the
+    /// run reports everything, then fails.
+    failed_checks: Mutex<Vec<String>>,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -42,6 +46,14 @@ pub async fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let out = Output { json: args.json };
+    let baseline = match &args.baseline {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the baseline {}", path.display()))?;
+            Some(Baseline::parse(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
     let scenarios = args.scenarios_in_order();
     let grpc = scenarios.iter().any(|s| s.ceiling().is_none());
     let server_bin = if grpc {
@@ -94,6 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
         run_id,
         dir,
         issued_keys: Mutex::new(Vec::new()),
+        failed_checks: Mutex::new(Vec::new()),
     };
     eprintln!(
         "run {}: {} s + {} s warm-up per scenario and mode, concurrency {}, files in {}",
@@ -128,7 +141,12 @@ pub async fn run(args: Args) -> Result<()> {
         report::compare_with_ceilings(scale_rows);
     }
     let scale_rows = report::compare_scales(&rows, &scales);
-    let checks = report::verdict(&rows, &scale_rows, bench.args.concurrency);
+    let checks = report::verdict(
+        &rows,
+        &scale_rows,
+        bench.args.concurrency,
+        baseline.as_ref(),
+    );
     for row in &rows {
         out.json_line(row);
     }
@@ -146,10 +164,23 @@ pub async fn run(args: Args) -> Result<()> {
                 report::scale_table(&scale_rows)
             ));
         }
+        if rows.iter().any(|r| r.watchers.is_some()) {
+            out.human(&format!(
+                "watch (closed-loop checkout with WatchEvents streams beside it):\n{}",
+                report::watch_table(&rows)
+            ));
+        }
         out.human(&format!("verdict:\n{}", report::verdict_text(&checks)));
     }
+    let failed_checks = std::mem::take(
+        &mut *bench
+            .failed_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
     match failure {
         Some(e) => Err(e),
+        None if !failed_checks.is_empty() => Err(anyhow::anyhow!(failed_checks.join("; "))),
         None => Ok(()),
     }
 }
@@ -270,6 +301,7 @@ impl Bench {
                 Scenario::Health
                     | Scenario::Balance
                     | Scenario::Checkout
+                    | Scenario::Watch
                     | Scenario::Redeem
                     | Scenario::Mixed
             )
@@ -294,6 +326,12 @@ impl Bench {
                     let measured = self.measure(&server, scenario, merchant, keys, rows).await;
                     server.stop().await;
                     measured?;
+                }
+                Scenario::Watch => {
+                    let server = cached
+                        .as_ref()
+                        .context("the cached server is not running")?;
+                    rows.push(self.watch(server, merchant, keys).await?);
                 }
                 _ => {
                     let server = cached
@@ -407,6 +445,88 @@ impl Bench {
             rows.push(open);
         }
         Ok(())
+    }
+
+    /// `watch`: checkout's closed loop (same workers, same requests) while `--watchers`
+    /// WatchEvents streams follow the merchant's events from the stream's end before the load.
+    /// After the load, the watchers get up to `watch::DRAIN_LIMIT` to receive every
+    /// acknowledged purchase; a purchase missing or repeated at any watcher fails the run (after
+    /// the report). Closed loop only: the open loop adds nothing the delivery delay does not show.
+    async fn watch(&self, server: &Server, merchant: &BenchMerchant, keys: &Keys) -> Result<Row> {
+        let args = &self.args;
+        let scenario = Scenario::Watch;
+        let workload = Workload::of(scenario).context("watch runs checkout's load")?;
+        let concurrency = args.concurrency as usize;
+        let log = Arc::new(Mutex::new(PurchaseLog::default()));
+        let target = Arc::new(
+            Target::connect(
+                &server.endpoint(),
+                concurrency.div_ceil(WORKERS_PER_CHANNEL),
+                keys,
+                merchant.customers,
+            )
+            .await?
+            .with_purchase_log(log.clone()),
+        );
+        let tag = format!("b{}-{}-{scenario}", self.run_id, merchant.customers);
+        let cursor = setup::stream_end(&self.store, merchant.id).await?;
+        let now = SystemTime::now();
+        let window = WallWindow {
+            from: now + self.window.warmup,
+            until: now + self.window.warmup + self.window.measure,
+        };
+        let watchers = Watchers::start(
+            &server.endpoint(),
+            &keys.scheduler,
+            args.watchers,
+            cursor,
+            format!("{tag}-"),
+            window,
+        )
+        .await?;
+        let sampler = RssSampler::start(server.metrics);
+        let cpu = CpuMeter::start(server.pid, true);
+        let recorder =
+            load::closed_loop(target, &workload, concurrency, self.window, args.seed, &tag).await?;
+        let cpu = cpu.finish();
+        let rss = sampler.finish().await;
+        let log = std::mem::take(&mut *log.lock().unwrap_or_else(|e| e.into_inner()));
+        let (tallies, drained) = watchers.finish(log.ok.len()).await?;
+        let figures = watch::Figures::of(&log, &tallies, &window, drained);
+        let row = Row::new(
+            scenario,
+            Mode::Closed,
+            merchant.customers,
+            args.concurrency,
+            args.seconds,
+            &recorder.summary(self.window.measure.as_secs_f64()),
+        )
+        .with_cpu(cpu)
+        .with_rss(rss)
+        .with_watch(&figures);
+        eprintln!("{}", row.progress());
+        if let Some(line) = row.watch_progress() {
+            eprintln!("{line}");
+        }
+        if !figures.exactness.exact() {
+            let e = &figures.exactness;
+            let message = format!(
+                "watch @ {} customers: the watchers did not get every acknowledged purchase \
+                 exactly once ({} of {} checkouts OK; missing {}, duplicated {}, unexpected {})",
+                merchant.customers,
+                log.ok.len(),
+                log.ok.len() + log.failed.len(),
+                e.missing,
+                e.duplicated,
+                e.unexpected
+            );
+            eprintln!("FAILED: {message}");
+            self.failed_checks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(message);
+        }
+        Ok(row)
     }
 
     async fn pgbench(&self, scenario: Scenario, merchant: &BenchMerchant) -> Result<Row> {

@@ -475,11 +475,14 @@ SELECT count(*) FROM (
 ) broken
 ";
 
-/// The per-run API keys: `pos` for checkout, `app` for balance reads (what real callers use).
+/// The per-run API keys: `pos` for checkout, `app` for balance reads, `scheduler` for the
+/// event stream (what real callers use). The bench's servers run without TLS, so the
+/// scheduler key needs no client certificate there.
 #[derive(Clone)]
 pub struct Keys {
     pub pos: String,
     pub app: String,
+    pub scheduler: String,
     ids: Vec<i64>,
 }
 
@@ -490,11 +493,48 @@ pub async fn create_keys(store: &Store, merchant: MerchantId) -> Result<Keys> {
     let app = loyalty::create_key(store, merchant, Scope::App)
         .await
         .context("cannot create an app key")?;
+    let scheduler = loyalty::create_key(store, merchant, Scope::Scheduler)
+        .await
+        .context("cannot create a scheduler key")?;
     Ok(Keys {
-        ids: vec![pos.key_id, app.key_id],
+        ids: vec![pos.key_id, app.key_id, scheduler.key_id],
         pos: pos.secret.expose().to_string(),
         app: app.secret.expose().to_string(),
+        scheduler: scheduler.secret.expose().to_string(),
     })
+}
+
+/// How long [`stream_end`] waits for the sequencer to number the merchant's committed events.
+const SEQUENCED_WITHIN: Duration = Duration::from_secs(10);
+
+/// The cursor of the merchant's newest event, once every committed event of the merchant has
+/// its position (the tail of an earlier scenario may still be waiting for the sequencer);
+/// empty when the merchant has no event yet. A watcher that starts after it sees only what
+/// is written from now on, instead of replaying every earlier run. The service's cursor is
+/// the event's position in decimal (`events::rules::Cursor`); the bench reads it from the
+/// database only to skip the history, the watchers treat what they receive as opaque.
+pub async fn stream_end(store: &Store, merchant: MerchantId) -> Result<String> {
+    let started = Instant::now();
+    loop {
+        let (unsequenced, newest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE position IS NULL), max(position)
+               FROM events WHERE merchant_id = $1",
+        )
+        .bind(merchant.0)
+        .fetch_one(store.pool())
+        .await
+        .context("cannot read the end of the event stream")?;
+        if unsequenced == 0 {
+            return Ok(newest.map(|p| p.to_string()).unwrap_or_default());
+        }
+        if started.elapsed() > SEQUENCED_WITHIN {
+            bail!(
+                "{unsequenced} committed events of the bench merchant have no position after \
+                 {SEQUENCED_WITHIN:?}: is the server's sequencer running?"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Best effort: keys of finished runs should not stay valid.
@@ -615,17 +655,21 @@ mod tests {
             return;
         };
         let merchant = bench_merchant(&store, 120, 100).await.unwrap();
-        // What an older preload left: the first 50 customers' purchases without lots (and so,
-        // once migrated, without a lot_id).
+        // What an older preload left: the first 50 customers' purchases without lots (and,
+        // from before purchases named their lot, without a lot_id).
         sqlx::query(
-            "WITH gone AS (
-                 DELETE FROM point_lots l USING customers c
-                  WHERE l.merchant_id = $1 AND c.merchant_id = l.merchant_id
-                    AND c.id = l.customer_id AND c.external_id::bigint <= 50
-              RETURNING l.id
-             )
-             UPDATE purchases SET lot_id = NULL
-              WHERE merchant_id = $1 AND lot_id IN (SELECT id FROM gone)",
+            "DELETE FROM point_lots l USING customers c
+              WHERE l.merchant_id = $1 AND c.merchant_id = l.merchant_id
+                AND c.id = l.customer_id AND c.external_id::bigint <= 50",
+        )
+        .bind(merchant.id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE purchases p SET lot_id = NULL FROM customers c
+              WHERE p.merchant_id = $1 AND c.merchant_id = p.merchant_id
+                AND c.id = p.customer_id AND c.external_id::bigint <= 50",
         )
         .bind(merchant.id.0)
         .execute(store.pool())

@@ -448,6 +448,10 @@ impl ServerProcess {
             ("LOYALTY_REDIS_TIMEOUT_MS", "100"),
             ("LOYALTY_REDIS_COOL_DOWN_MS", "200"),
             ("LOYALTY_DB_ACQUIRE_TIMEOUT_MS", "500"),
+            // The greeting job every 500 ms (not every minute), so the birthdays that a
+            // scenario's greeting workers wait for are made at once, and made again (as a
+            // no-op) by the restarted server.
+            ("LOYALTY_GREETING_INTERVAL_MS", "500"),
             ("LOYALTY_LOG_FORMAT", "json"),
             ("RUST_LOG", "warn"),
         ]
@@ -595,6 +599,9 @@ pub struct Cluster {
     pub pos_key: String,
     /// The merchant's admin key (for the catalog).
     pub admin_key: String,
+    /// The merchant's scheduler key (event watchers and greeting workers; the rig serves
+    /// plaintext, so no client certificate is asked for).
+    pub scheduler_key: String,
     pub key_prefix: String,
 }
 
@@ -639,6 +646,12 @@ impl Cluster {
             .secret
             .expose()
             .to_string();
+        let scheduler_key = loyalty::create_key(&store, merchant, Scope::Scheduler)
+            .await
+            .expect("scheduler key created")
+            .secret
+            .expose()
+            .to_string();
         store.close().await;
         Cluster {
             name: name.to_string(),
@@ -649,6 +662,7 @@ impl Cluster {
             merchant,
             pos_key,
             admin_key,
+            scheduler_key,
             key_prefix,
         }
     }

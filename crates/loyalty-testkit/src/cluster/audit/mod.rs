@@ -3,12 +3,14 @@
 //! the cache against the truth.
 //!
 //! Split by what is checked: `accounts` (each account against its ledger, lots and
-//! purchases), `spending` (redemptions, holds, returns), `gifts` (stock, claims, codes) and
-//! `cache`. The database checks read one snapshot ([`check_database`]), so the sweep that
+//! purchases), `spending` (redemptions, holds, returns), `gifts` (stock, claims, codes),
+//! `cache`, and `engagement` (the event watcher against the outbox, the greeting workers
+//! against the greetings). The database checks read one snapshot ([`check_database`]), so the sweep that
 //! keeps running cannot make two queries disagree.
 
 mod accounts;
 mod cache;
+mod engagement;
 mod gifts;
 mod spending;
 
@@ -21,6 +23,10 @@ use sqlx::PgConnection;
 use super::*;
 
 pub use accounts::Committed;
+pub use engagement::{
+    EngagementAudit, StoredEvent, StoredGreeting, check_events, check_greetings, greetings_settled,
+    read_engagement, stream_end,
+};
 
 /// A hold past its ttl must be released by the sweep (LOYALTY_SWEEP_INTERVAL_MS, 1 s in the
 /// rig) within this long: the interval, the pass's wait behind the tills' transactions on a

@@ -1,12 +1,14 @@
 //! The workload of a scenario: clients that call as tills do (retrying the identical
 //! request), and the record of what each of them was told.
 //!
-//! Split in four: `client` (one till's connection, its calls and the retry), `record` (every
+//! Split in five: `client` (one till's connection, its calls and the retry), `record` (every
 //! acknowledgement and refusal by client key), `till` (what a till does: buy, spend, hold
-//! and settle, return, claim and redeem gifts) and this file (the mix, the clients running
-//! together, deliberate replays).
+//! and settle, return, claim and redeem gifts), `engagement` (the scheduler-side callers: an
+//! event watcher and greeting workers) and this file (the mix, the clients running together,
+//! deliberate replays).
 
 mod client;
+mod engagement;
 mod record;
 mod till;
 
@@ -20,6 +22,10 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 pub use client::{Call, Client, Reply, classify};
+pub use engagement::{
+    Decision, EventWatcher, GREETING_LEASE, GreetingRecord, GreetingWorkers, Handout, Received,
+    WatchRecord, enroll_birthdays,
+};
 pub use record::{Ack, Acked, HoldAck, Record, Shared, WriteKind};
 pub use till::{profile, receipt};
 
