@@ -10,6 +10,8 @@ use crate::platform::money::{self, Currency};
 use crate::platform::validation::Invalid;
 use crate::platform::validation::{self, Violations};
 use crate::programs::lifecycle::Lifecycle;
+use crate::status::rules::StatusThresholds;
+use crate::tiers::rules::TierProgram;
 
 /// 1x, in basis points.
 pub const BASE_MULTIPLIER_BP: u32 = 10_000;
@@ -172,6 +174,10 @@ pub struct ProgramRules {
     pub receipt_age: ReceiptAge,
     /// Pending period, expiry, redemption and returns.
     pub lifecycle: Lifecycle,
+    /// Repeat-purchase status thresholds.
+    pub status: StatusThresholds,
+    /// VIP tiers (none by default).
+    pub tiers: TierProgram,
 }
 
 impl ProgramRules {
@@ -188,7 +194,17 @@ impl ProgramRules {
             promotions: Vec::new(),
             receipt_age: ReceiptAge::default(),
             lifecycle: Lifecycle::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         }
+    }
+
+    /// How many days of a customer's purchases an assessment of their status and tier reads:
+    /// the status's look-back and the tiers' window, whichever is longer. Stored with the
+    /// program (`programs.look_back_days`) so checkout's first read can bound its purchases
+    /// before it has the program's rules.
+    pub fn look_back_days(&self) -> u32 {
+        self.status.look_back_days().max(self.tiers.window_days)
     }
 
     pub fn category_multiplier_bp(&self, category: &str) -> u32 {
@@ -241,6 +257,10 @@ pub struct ProgramInput {
     pub old_receipts: Option<OldReceipts>,
     /// Checked by `parse` (its proto defaults already applied).
     pub lifecycle: Lifecycle,
+    /// Checked by `parse`.
+    pub status: StatusThresholds,
+    /// Checked by `parse` (its proto defaults already applied).
+    pub tiers: TierProgram,
 }
 
 impl ProgramRules {
@@ -407,6 +427,8 @@ impl ProgramRules {
             older: input.old_receipts.unwrap_or(OldReceipts::Refuse),
         };
         input.lifecycle.check(&mut v);
+        input.status.check(&mut v);
+        input.tiers.check(&mut v);
 
         match (currency, earn_rate, minimum) {
             (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
@@ -418,6 +440,8 @@ impl ProgramRules {
                     promotions,
                     receipt_age,
                     lifecycle: input.lifecycle,
+                    status: input.status,
+                    tiers: input.tiers,
                 })
             }
             _ => Err(v.into_error()),
@@ -448,6 +472,8 @@ mod tests {
             max_receipt_age_days: 0,
             old_receipts: None,
             lifecycle: Lifecycle::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         }
     }
 
@@ -524,6 +550,8 @@ mod tests {
             max_receipt_age_days: MAX_RECEIPT_AGE_DAYS + 1,
             old_receipts: None,
             lifecycle: Lifecycle::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         };
         assert_eq!(
             fields(ProgramRules::parse(program)),

@@ -12,6 +12,8 @@ use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
 use crate::programs::lifecycle::Lifecycle;
+use crate::status::rules::StatusThresholds;
+use crate::tiers::rules::TierProgram;
 use crate::programs::rules::{
     EarnRate, OldReceipts, Program, ProgramRules, Promotion, PromotionIndex, ReceiptAge,
 };
@@ -27,6 +29,8 @@ struct ProgramRow {
     max_receipt_age_days: i32,
     old_receipts: String,
     lifecycle: Json<Lifecycle>,
+    status: Json<StatusThresholds>,
+    tiers: Json<TierProgram>,
     version: i64,
     updated_at: DateTime<Utc>,
 }
@@ -59,6 +63,8 @@ impl ProgramRow {
                     older,
                 },
                 lifecycle: self.lifecycle.0,
+                status: self.status.0,
+                tiers: self.tiers.0,
             },
             version: self.version,
             updated_at: self.updated_at,
@@ -69,7 +75,7 @@ impl ProgramRow {
 const SELECT_PROGRAM: &str =
     "SELECT currency, earn_points, earn_currency_units, minimum_purchase_minor,
         category_multipliers, promotions, max_receipt_age_days, old_receipts, lifecycle,
-        version, updated_at
+        status, tiers, version, updated_at
    FROM programs
   WHERE merchant_id = $1";
 
@@ -103,8 +109,9 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO programs (merchant_id, currency, earn_points, earn_currency_units,
                                minimum_purchase_minor, category_multipliers, promotions,
-                               max_receipt_age_days, old_receipts, lifecycle)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                               max_receipt_age_days, old_receipts, lifecycle, status, tiers,
+                               look_back_days)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -116,6 +123,9 @@ pub async fn insert(
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
+    .bind(Json(&rules.status))
+    .bind(Json(&rules.tiers))
+    .bind(rules.look_back_days() as i32)
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -166,11 +176,12 @@ pub async fn replace(
             SET currency = $2, earn_points = $3, earn_currency_units = $4,
                 minimum_purchase_minor = $5, category_multipliers = $6, promotions = $7,
                 max_receipt_age_days = $8, old_receipts = $9, lifecycle = $10,
+                status = $11, tiers = $12, look_back_days = $13,
                 version = version + 1, updated_at = now()
           WHERE merchant_id = $1
       RETURNING currency, earn_points, earn_currency_units, minimum_purchase_minor,
                 category_multipliers, promotions, max_receipt_age_days, old_receipts,
-                lifecycle, version, updated_at",
+                lifecycle, status, tiers, version, updated_at",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -182,6 +193,9 @@ pub async fn replace(
     .bind(rules.receipt_age.max_days as i32)
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
+    .bind(Json(&rules.status))
+    .bind(Json(&rules.tiers))
+    .bind(rules.look_back_days() as i32)
     .fetch_one(conn)
     .await
     .map_err(db_error)?;
