@@ -243,7 +243,7 @@ impl Points {
         let answer = Spent {
             points: r.points,
             discount_minor: taken.discount_minor,
-            account: taken.state,
+            account: taken.state.clone(),
         };
         store::insert_redemption(
             &mut taken.tx,
@@ -298,7 +298,7 @@ impl Points {
             points: h.points,
             discount_minor: taken.discount_minor,
             expires_at: now + h.ttl,
-            account: taken.state,
+            account: taken.state.clone(),
         };
         store::insert_reservation(
             &mut taken.tx,
@@ -687,7 +687,7 @@ impl Points {
             points_clawed_back: clawed_back,
             points_written_off: written_off,
             points_refunded: refund,
-            account: state,
+            account: state.clone(),
         };
         let line_returns = if stored_lines.is_empty() {
             Vec::new()
@@ -796,7 +796,7 @@ impl Points {
         let state = self.write(&mut tx, merchant, &account, change).await?;
         let answer = Adjusted {
             points: a.points,
-            account: state,
+            account: state.clone(),
         };
         let actor = caller.actor();
         store::insert_adjustment(
@@ -925,7 +925,9 @@ impl Points {
                 gift_id: &c.gift_id,
                 points: price,
                 request_hash: &c.fingerprint(),
-                answer: &ClaimAnswer { account: state },
+                answer: &ClaimAnswer {
+                    account: state.clone(),
+                },
             },
         )
         .await?;

@@ -10,8 +10,8 @@ use crate::points::{self, Points};
 use crate::programs::Programs;
 use crate::programs::lifecycle::{ExpiryPolicy, Lifecycle, RedemptionRule, ReturnPolicy};
 use crate::programs::rules::{
-    CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput, ProgramRules,
-    BASE_MULTIPLIER_BP, PromotionInput,
+    BASE_MULTIPLIER_BP, CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput,
+    ProgramRules, PromotionInput,
 };
 use crate::status::rules::StatusThresholds;
 use crate::tiers;
@@ -117,7 +117,9 @@ impl ProgramService for ProgramApi {
 fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     let mut program = program.ok_or_else(|| Error::invalid("program", "is required"))?;
     let lifecycle = lifecycle_input(&program)?;
-    let status = program.status.map_or_else(StatusThresholds::default, status_input);
+    let status = program
+        .status
+        .map_or_else(StatusThresholds::default, status_input);
     let tiers = match program.tiers.take() {
         None => TierProgram::default(),
         Some(tiers) => tiers_input(tiers)?,

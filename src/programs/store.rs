@@ -12,11 +12,11 @@ use crate::platform::caller::MerchantId;
 use crate::platform::money::Currency;
 use crate::platform::store::db_error;
 use crate::programs::lifecycle::Lifecycle;
-use crate::status::rules::StatusThresholds;
-use crate::tiers::rules::TierProgram;
 use crate::programs::rules::{
     EarnRate, OldReceipts, Program, ProgramRules, Promotion, PromotionIndex, ReceiptAge,
 };
+use crate::status::rules::StatusThresholds;
+use crate::tiers::rules::TierProgram;
 
 #[derive(sqlx::FromRow)]
 struct ProgramRow {

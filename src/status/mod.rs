@@ -4,3 +4,4 @@
 //! reason of a change, when to look again, and what the customer needs for the next status.
 
 pub mod rules;
+pub mod standing;

@@ -77,7 +77,13 @@ pub fn earn_at_tier(
 /// Like [`earn`], for rules not loaded as a program (the index is built on the spot).
 pub fn earn_under(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
     let index = PromotionIndex::new(&rules.promotions);
-    earn_indexed(rules, &index, basket, basket.occurred_at, BASE_MULTIPLIER_BP)
+    earn_indexed(
+        rules,
+        &index,
+        basket,
+        basket.occurred_at,
+        BASE_MULTIPLIER_BP,
+    )
 }
 
 fn earn_indexed(
@@ -547,9 +553,18 @@ mod tests {
         let at = basket.occurred_at;
         // 10.99 EUR × 1.5 = 16.485 points: 16 at 1×, 24.7275 → 24 at 1.5×, 32.97 → 32 at 2×.
         assert_eq!(earn_at(&program, &basket, at).unwrap().points, 16);
-        assert_eq!(earn_at_tier(&program, &basket, at, 10_000).unwrap().points, 16);
-        assert_eq!(earn_at_tier(&program, &basket, at, 15_000).unwrap().points, 24);
-        assert_eq!(earn_at_tier(&program, &basket, at, 20_000).unwrap().points, 32);
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 10_000).unwrap().points,
+            16
+        );
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 15_000).unwrap().points,
+            24
+        );
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 20_000).unwrap().points,
+            32
+        );
         // The largest numerator does not overflow: it is refused as too many points.
         assert_eq!(times_tier(i128::MAX / 2, 1, 1_000_000), None);
         assert_eq!(times_tier(7, 2, 15_000), Some(5));
