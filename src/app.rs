@@ -260,7 +260,12 @@ impl Application {
         background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
-            background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
+            background.push(jobs::points_sweep(
+                points.clone(),
+                interval,
+                stop_rx.clone(),
+            ));
+            background.push(jobs::standing_sweep(points, interval, stop_rx.clone()));
         }
 
         if let Some(listener) = metrics_listener {

@@ -40,6 +40,7 @@ use crate::points::store::lifecycle::{
 use crate::programs;
 use crate::programs::lifecycle::ReturnPolicy;
 use crate::programs::rules::Program;
+use crate::status::rules::Trigger;
 
 /// The answer of a redemption (and what a replay gets back).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,7 +201,8 @@ fn kept_after_debt(available: i64, points: i64) -> i64 {
 }
 
 impl Points {
-    async fn program(
+    /// The merchant's program as it is now (its version read, the rules from the cache).
+    pub(crate) async fn program(
         &self,
         conn: &mut PgConnection,
         merchant: MerchantId,
@@ -710,6 +712,11 @@ impl Points {
             },
         )
         .await?;
+        // The return may cost a visit or tier qualification: the status is reassessed now
+        // (a tier only starts its grace; the sweep downgrades after it).
+        let state = self
+            .reassess(&mut tx, merchant, customer, &program, Trigger::Return, now)
+            .await?;
         commit(tx).await?;
         self.publisher
             .publish(merchant, &purchase.external_id, &state)

@@ -24,7 +24,7 @@ use crate::points::store::{self, RecordOutcome, StandingWrite, StoredPurchase};
 use crate::programs;
 use crate::programs::rules::Program;
 use crate::status::rules::Trigger;
-use crate::status::standing::{PurchaseFact, evaluate};
+use crate::status::standing::{PurchaseFact, Standing, evaluate};
 use crate::tiers::rules::TierStanding;
 use std::sync::Arc;
 
@@ -344,15 +344,22 @@ impl Points {
     ) -> Result<AccountState, Error> {
         caller.may_read(external_id)?;
         let cache = self.publisher.cache();
+        // A copy without a standing (cached by a writer that had none) is read again.
         if let CacheRead::Hit(state) = cache.get(caller.merchant, external_id).await
             && state.version >= min_version
+            && state.standing.is_some()
         {
             return Ok(state);
         }
         let mut conn = self.store.acquire().await?;
-        let state = account::load(&mut conn, caller.merchant, external_id)
+        let mut state = account::load(&mut conn, caller.merchant, external_id)
             .await?
             .ok_or(Error::NotFound("customer"))?;
+        if state.standing.is_none() {
+            // Never assessed (no purchase yet): NEW, and the tiers' progress from zero.
+            let program = self.program(&mut conn, caller.merchant).await?;
+            state.standing = Some(Standing::initial(&program.rules, self.clock.now()));
+        }
         drop(conn);
         cache.put(caller.merchant, external_id, &state).await;
         // Postgres holds the latest committed version: an older balance would break the

@@ -147,6 +147,22 @@ impl Standing {
         .standing
     }
 
+    /// Whether reads would show the same (the instant computed and the hint's days left,
+    /// which reads count from now, aside).
+    pub fn shows_the_same_as(&self, other: &Standing) -> bool {
+        let undated = |hint: Option<NextStatusHint>| {
+            hint.map(|h| NextStatusHint {
+                within_days: h.deadline.map_or(h.within_days, |_| None),
+                ..h
+            })
+        };
+        self.status == other.status
+            && self.status_since == other.status_since
+            && undated(self.hint) == undated(other.hint)
+            && self.tier == other.tier
+            && self.progress == other.progress
+    }
+
     /// As seen at `now`: the hint's days counted from now.
     pub fn at(&self, now: DateTime<Utc>) -> Standing {
         Standing {
@@ -204,6 +220,7 @@ pub fn status_details(change: &StatusChange) -> serde_json::Value {
 pub fn warning_details(warning: &DowngradeWarning) -> serde_json::Value {
     json!({
         "tier_id": warning.tier_id,
+        "below_since": warning.below_since,
         "downgrade_at": warning.downgrade_at,
         "falls_to": warning.falls_to,
         "metric": warning.keep.metric.as_str(),
@@ -235,7 +252,7 @@ impl Evaluation {
             || self.warning.is_some()
             || self.regular_since != facts.regular_since
             || self.tier != facts.tier
-            || stored != Some(&self.standing)
+            || !stored.is_some_and(|stored| stored.shows_the_same_as(&self.standing))
     }
 }
 
