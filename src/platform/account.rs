@@ -36,7 +36,7 @@ pub struct AccountState {
     /// Status and tier as reads show them (`accounts.standing`); `None` for an answer stored
     /// before standings existed (a replay's) or an account never assessed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub standing: Option<Standing>,
+    pub standing: Option<Box<Standing>>,
 }
 
 /// Points that expire together: spendable strictly before `at`.
@@ -73,7 +73,7 @@ impl From<AccountRow> for AccountState {
                 (Some(points), Some(at)) if points > 0 => Some(PointsExpiry { points, at }),
                 _ => None,
             },
-            standing: row.standing.map(|s| s.0),
+            standing: row.standing.map(|s| Box::new(s.0)),
         }
     }
 }

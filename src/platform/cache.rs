@@ -70,10 +70,10 @@ fn standing_field(standing: Option<&Standing>) -> String {
 
 /// The cached standing: `None` when the entry has no field (a miss), `Some(None)` for "".
 /// An unreadable one is a miss too.
-fn standing_of(field: Option<String>) -> Option<Option<Standing>> {
+fn standing_of(field: Option<String>) -> Option<Option<Box<Standing>>> {
     match field?.as_str() {
         "" => Some(None),
-        json => serde_json::from_str(json).ok().map(Some),
+        json => serde_json::from_str(json).ok().map(|s| Some(Box::new(s))),
     }
 }
 
@@ -325,7 +325,7 @@ impl Cache {
             .arg(inner.config.ttl.as_millis() as u64)
             .arg(state.next_expiry.map_or(0, |e| e.points))
             .arg(state.next_expiry.map_or(0, |e| e.at.timestamp_micros()))
-            .arg(standing_field(state.standing.as_ref()));
+            .arg(standing_field(state.standing.as_deref()));
         let reply = tokio::time::timeout(
             inner.config.timeout,
             pipe.query_async::<(Option<String>, i64)>(&mut conn),

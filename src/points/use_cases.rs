@@ -358,7 +358,10 @@ impl Points {
         if state.standing.is_none() {
             // Never assessed (no purchase yet): NEW, and the tiers' progress from zero.
             let program = self.program(&mut conn, caller.merchant).await?;
-            state.standing = Some(Standing::initial(&program.rules, self.clock.now()));
+            state.standing = Some(Box::new(Standing::initial(
+                &program.rules,
+                self.clock.now(),
+            )));
         }
         drop(conn);
         cache.put(caller.merchant, external_id, &state).await;
