@@ -462,6 +462,7 @@ impl PurchaseWrite<'_> {
                     customer_id,
                     &self.purchase.purchase_id,
                     account.purchase_count,
+                    self.standing.evaluation.tier_reached(),
                     self.now,
                 )
                 .await?

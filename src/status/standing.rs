@@ -245,6 +245,14 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// The tier this look brought the customer up to (a tier-up gift's occasion).
+    pub fn tier_reached(&self) -> Option<&str> {
+        self.tier_change
+            .as_ref()
+            .filter(|c| c.change == "upgraded")
+            .and_then(|c| c.to.as_deref())
+    }
+
     /// Whether anything stored differs from `facts` (the sweep writes only then).
     pub fn differs_from(&self, facts: &Facts, stored: Option<&Standing>) -> bool {
         self.status_change.is_some()

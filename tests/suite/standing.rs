@@ -618,3 +618,88 @@ async fn bad_status_and_tier_settings_are_refused_naming_the_field() {
     assert_eq!(stored.tiers, Some(tiers()));
     f.app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tier_up_gift_is_granted_once_by_the_purchase_that_reaches_the_tier() {
+    let f = fixture(Some(tiers())).await;
+    let mut admin = f.app.program(&f.admin_key).await;
+    admin
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(pb::Gift {
+                gift_id: "welcome-silver".into(),
+                name: "Silver welcome".into(),
+                description: "A tote bag".into(),
+                kind: pb::GiftKind::Item as i32,
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // A tier_id only with TIER_UP, and TIER_UP needs one.
+    let refused = admin
+        .put_gift_rule(pb::PutGiftRuleRequest {
+            rule: Some(pb::GiftRule {
+                rule_id: "silver-up".into(),
+                trigger: pb::GiftTrigger::TierUp as i32,
+                gift_id: "welcome-silver".into(),
+                active: true,
+                ..Default::default()
+            }),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&refused), ["rule.tier_id"]);
+    let rule = admin
+        .put_gift_rule(pb::PutGiftRuleRequest {
+            rule: Some(pb::GiftRule {
+                rule_id: "silver-up".into(),
+                trigger: pb::GiftTrigger::TierUp as i32,
+                tier_id: "silver".into(),
+                gift_id: "welcome-silver".into(),
+                active: true,
+                ..Default::default()
+            }),
+            expected_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rule
+        .unwrap();
+    assert_eq!(rule.tier_id, "silver");
+
+    assert!(f.buy("card-1", "r-1", 6_000).await.gifts_issued.is_empty());
+    let reaching = f.purchase("card-1", "r-2", 5_000);
+    let mut checkout = f.app.checkout(&f.pos).await;
+    let reached = checkout
+        .record_purchase(reaching.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reached.gifts_issued.len(), 1);
+    assert_eq!(reached.gifts_issued[0].gift_id, "welcome-silver");
+    // Holding the tier grants nothing more; another customer reaching it gets their own.
+    assert!(f.buy("card-1", "r-3", 5_000).await.gifts_issued.is_empty());
+    assert_eq!(f.buy("card-2", "s-1", 12_000).await.gifts_issued.len(), 1);
+    // A replay of the reaching purchase answers with its gift, granting nothing new.
+    let replayed = checkout
+        .record_purchase(reaching)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.gifts_issued, reached.gifts_issued);
+    assert_eq!(
+        f.count(
+            "SELECT count(*) FROM gift_grants g JOIN customers c
+                ON c.merchant_id = g.merchant_id AND c.id = g.customer_id
+             WHERE g.merchant_id = $1 AND c.external_id = $2",
+            "card-1"
+        )
+        .await,
+        1
+    );
+    f.app.stop().await;
+}

@@ -1,7 +1,7 @@
 SELECT p.version AS program_version, c.id AS customer_id,
        EXISTS (SELECT 1 FROM gift_rules
                 WHERE merchant_id = $1 AND active
-                  AND trigger IN ('first_purchase', 'every_nth_purchase')) AS has_gift_rules,
+                  AND trigger IN ('first_purchase', 'every_nth_purchase', 'tier_up')) AS has_gift_rules,
        -- The customer's standing as this purchase will see it (status::standing::Facts): the
        -- account's version (the record statement writes only if it is still this one), the
        -- stored status and tier, and their purchases within the program's look-back from $3
