@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/loyalty/v1/member.proto",
     "proto/loyalty/v1/program.proto",
     "proto/loyalty/v1/engagement.proto",
+    "proto/loyalty/v1/standing.proto",
 ];
 
 /// Messages that carry personal contact data or a credential get a hand-written, redacting

@@ -299,7 +299,12 @@ impl Application {
         }
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
-            background.push(jobs::points_sweep(points, interval, stop_rx.clone()));
+            background.push(jobs::points_sweep(
+                points.clone(),
+                interval,
+                stop_rx.clone(),
+            ));
+            background.push(jobs::standing_sweep(points, interval, stop_rx.clone()));
         }
         if let Some(interval) = config.greeting_interval {
             let greetings = crate::greetings::Greetings::new(&parts);

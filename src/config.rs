@@ -326,7 +326,9 @@ pub struct ServeArgs {
     pub health_interval_ms: u64,
 
     /// How often the points sweep runs (matures pending points, expires due ones, releases
-    /// holds past their ttl); 0 turns it off on this replica (another must run it).
+    /// holds past their ttl), and the standing sweep (time-driven status changes, tier
+    /// warnings and downgrades; it visits only customers due, by an index); 0 turns both off
+    /// on this replica (another must run them).
     #[arg(long, env = "LOYALTY_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
 

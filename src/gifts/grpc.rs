@@ -241,6 +241,7 @@ fn rule_input(rule: Option<pb::GiftRule>) -> Result<GiftRuleInput, Status> {
         Ok(pb::GiftTrigger::Unspecified) => TriggerInput::Unspecified,
         Ok(pb::GiftTrigger::FirstPurchase) => TriggerInput::FirstPurchase,
         Ok(pb::GiftTrigger::EveryNthPurchase) => TriggerInput::EveryNthPurchase,
+        Ok(pb::GiftTrigger::TierUp) => TriggerInput::TierUp,
         Err(_) => {
             return Err(crate::Error::invalid("rule.trigger", "is not a known GiftTrigger").into());
         }
@@ -249,6 +250,7 @@ fn rule_input(rule: Option<pb::GiftRule>) -> Result<GiftRuleInput, Status> {
         rule_id: rule.rule_id,
         trigger,
         every_n: rule.every_n,
+        tier_id: rule.tier_id,
         gift_id: rule.gift_id,
         delay_hours: rule.delay_hours,
         active: rule.active,
@@ -260,11 +262,13 @@ fn rule_message(rule: GiftRule) -> pb::GiftRule {
     let trigger = match spec.trigger {
         Trigger::FirstPurchase => pb::GiftTrigger::FirstPurchase,
         Trigger::EveryNthPurchase(_) => pb::GiftTrigger::EveryNthPurchase,
+        Trigger::TierUp(_) => pb::GiftTrigger::TierUp,
     };
     pb::GiftRule {
         rule_id: spec.rule_id,
         trigger: trigger as i32,
         every_n: spec.trigger.every_n().unwrap_or(0),
+        tier_id: spec.trigger.tier_id().unwrap_or_default().to_string(),
         gift_id: spec.gift_id,
         delay_hours: spec.delay_hours,
         active: spec.active,

@@ -287,6 +287,12 @@ pub fn rule_reference(rule_id: &str, purchase_id: &str) -> String {
     format!("{rule_id}:{purchase_id}")
 }
 
+/// The source reference of a tier-up grant: one per rule, customer and tier, so reaching the
+/// tier again after a downgrade grants nothing twice.
+pub fn tier_up_reference(rule_id: &str, customer_id: i64, tier_id: &str) -> String {
+    format!("{rule_id}:tier:{customer_id}:{tier_id}")
+}
+
 // ---------------------------------------------------------------------------------------------
 // The catalog
 
@@ -400,47 +406,71 @@ impl GiftSpec {
 
 /// When a rule grants its gift. Triggers to come (birthday, tier-up, complaint) are further
 /// variants with their parameters, evaluated where their occasion happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trigger {
     /// The come-back gift: the customer's first purchase grants it, for the second visit.
     FirstPurchase,
     /// Every purchase that brings the customer's count to a multiple of `n`.
     EveryNthPurchase(u32),
+    /// The purchase that brings the customer up to the tier with this id; once per customer
+    /// and tier ([`tier_up_reference`]).
+    TierUp(String),
 }
 
 impl Trigger {
     /// The name stored in `gift_rules.trigger`.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Trigger::FirstPurchase => "first_purchase",
             Trigger::EveryNthPurchase(_) => "every_nth_purchase",
+            Trigger::TierUp(_) => "tier_up",
         }
     }
 
     /// From the stored columns.
-    pub fn from_stored(trigger: &str, every_n: Option<i32>) -> Option<Trigger> {
-        match (trigger, every_n) {
-            ("first_purchase", None) => Some(Trigger::FirstPurchase),
-            ("every_nth_purchase", Some(n)) if n >= 1 => Some(Trigger::EveryNthPurchase(n as u32)),
+    pub fn from_stored(
+        trigger: &str,
+        every_n: Option<i32>,
+        tier_id: Option<&str>,
+    ) -> Option<Trigger> {
+        match (trigger, every_n, tier_id) {
+            ("first_purchase", None, None) => Some(Trigger::FirstPurchase),
+            ("every_nth_purchase", Some(n), None) if n >= 1 => {
+                Some(Trigger::EveryNthPurchase(n as u32))
+            }
+            ("tier_up", None, Some(tier)) => Some(Trigger::TierUp(tier.to_string())),
             _ => None,
         }
     }
 
-    pub fn every_n(self) -> Option<u32> {
+    pub fn every_n(&self) -> Option<u32> {
         match self {
-            Trigger::FirstPurchase => None,
-            Trigger::EveryNthPurchase(n) => Some(n),
+            Trigger::FirstPurchase | Trigger::TierUp(_) => None,
+            Trigger::EveryNthPurchase(n) => Some(*n),
         }
+    }
+
+    pub fn tier_id(&self) -> Option<&str> {
+        match self {
+            Trigger::TierUp(tier) => Some(tier),
+            Trigger::FirstPurchase | Trigger::EveryNthPurchase(_) => None,
+        }
+    }
+
+    /// Whether a purchase that brought the customer up to `tier_reached` fires this trigger.
+    pub fn fires_on_tier_up(&self, tier_reached: &str) -> bool {
+        matches!(self, Trigger::TierUp(tier) if tier == tier_reached)
     }
 
     /// Whether a purchase that brought the customer to `purchase_count_after` purchases
     /// fires this trigger.
-    pub fn fires_on_purchase(self, purchase_count_after: i64) -> bool {
-        match self {
+    pub fn fires_on_purchase(&self, purchase_count_after: i64) -> bool {
+        match *self {
             Trigger::FirstPurchase => purchase_count_after == 1,
             Trigger::EveryNthPurchase(n) => {
                 n >= 1 && purchase_count_after >= 1 && purchase_count_after % i64::from(n) == 0
             }
+            Trigger::TierUp(_) => false,
         }
     }
 }
@@ -451,6 +481,7 @@ pub enum TriggerInput {
     Unspecified,
     FirstPurchase,
     EveryNthPurchase,
+    TierUp,
 }
 
 #[derive(Debug, Clone)]
@@ -458,6 +489,9 @@ pub struct GiftRuleInput {
     pub rule_id: String,
     pub trigger: TriggerInput,
     pub every_n: u32,
+    /// For TierUp: the tier reached (an id of the program's tiers; a rule naming a tier the
+    /// program does not have never fires).
+    pub tier_id: String,
     pub gift_id: String,
     pub delay_hours: u32,
     pub active: bool,
@@ -520,7 +554,30 @@ impl GiftRuleSpec {
                 }
                 Some(Trigger::EveryNthPurchase(input.every_n))
             }
+            TriggerInput::TierUp => {
+                if input.every_n != 0 {
+                    v.add("rule.every_n", "applies only to every_nth_purchase");
+                }
+                v.check(validation::identifier("rule.tier_id", &input.tier_id))
+                    .filter(|id| {
+                        let short = id.chars().count() <= crate::tiers::rules::MAX_TIER_ID_CHARS;
+                        if !short {
+                            v.add(
+                                "rule.tier_id",
+                                format!(
+                                    "must be at most {} characters",
+                                    crate::tiers::rules::MAX_TIER_ID_CHARS
+                                ),
+                            );
+                        }
+                        short
+                    })
+                    .map(Trigger::TierUp)
+            }
         };
+        if !matches!(input.trigger, TriggerInput::TierUp) && !input.tier_id.is_empty() {
+            v.add("rule.tier_id", "applies only to tier_up");
+        }
         if input.delay_hours > MAX_DELAY_HOURS {
             v.add(
                 "rule.delay_hours",
@@ -907,7 +964,7 @@ mod tests {
             active,
         };
         let rules = [
-            rule("come-back", first, true),
+            rule("come-back", first.clone(), true),
             rule("every-3", third, true),
             rule("off", first, false),
         ];
@@ -924,12 +981,19 @@ mod tests {
 
     #[test]
     fn triggers_round_trip_through_their_columns() {
-        for trigger in [Trigger::FirstPurchase, Trigger::EveryNthPurchase(7)] {
+        for trigger in [
+            Trigger::FirstPurchase,
+            Trigger::EveryNthPurchase(7),
+            Trigger::TierUp("gold".into()),
+        ] {
             let n = trigger.every_n().map(|n| n as i32);
-            assert_eq!(Trigger::from_stored(trigger.as_str(), n), Some(trigger));
+            assert_eq!(
+                Trigger::from_stored(trigger.as_str(), n, trigger.tier_id()),
+                Some(trigger.clone())
+            );
         }
-        assert_eq!(Trigger::from_stored("birthday", None), None);
-        assert_eq!(Trigger::from_stored("every_nth_purchase", None), None);
+        assert_eq!(Trigger::from_stored("birthday", None, None), None);
+        assert_eq!(Trigger::from_stored("every_nth_purchase", None, None), None);
     }
 
     fn gift_input() -> GiftInput {
@@ -997,6 +1061,7 @@ mod tests {
             rule_id: "come-back".into(),
             trigger: TriggerInput::FirstPurchase,
             every_n: 0,
+            tier_id: String::new(),
             gift_id: "free-coffee".into(),
             delay_hours: 12,
             active: true,

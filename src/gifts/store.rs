@@ -18,7 +18,7 @@ use sqlx::{Connection, PgConnection};
 use crate::error::Error;
 use crate::gifts::rules::{
     CatalogPage, Gift, GiftCode, GiftKind, GiftRule, GiftRuleSpec, GiftSpec, Grant, GrantSource,
-    GrantStatus, GrantsPage, Trigger, fired_rules, rule_reference,
+    GrantStatus, GrantsPage, Trigger, fired_rules, rule_reference, tier_up_reference,
 };
 use crate::platform::caller::MerchantId;
 use crate::platform::store::{db_error, violated_unique_constraint};
@@ -61,7 +61,7 @@ macro_rules! rule_columns {
     ($before:literal, $after:literal) => {
         concat!(
             $before,
-            " rule_id, trigger, every_n, gift_id, delay_hours, active, version, updated_at ",
+            " rule_id, trigger, every_n, tier_id, gift_id, delay_hours, active, version, updated_at ",
             $after
         )
     };
@@ -329,12 +329,30 @@ pub async fn grants_for_purchase_rules(
     customer_id: i64,
     purchase_id: &str,
     purchase_count_after: i64,
+    tier_reached: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<Vec<Grant>, Error> {
     let rules = purchase_rules(conn, merchant).await?;
     let mut grants = Vec::new();
-    for rule in fired_rules(&rules, purchase_count_after) {
-        let reference = rule_reference(&rule.rule_id, purchase_id);
+    let by_count = fired_rules(&rules, purchase_count_after)
+        .into_iter()
+        .map(|rule| (rule, rule_reference(&rule.rule_id, purchase_id), false));
+    // A tier-up rule fires once per customer and tier: its reference names both.
+    let by_tier = rules
+        .iter()
+        .filter(|rule| {
+            rule.active && tier_reached.is_some_and(|tier| rule.trigger.fires_on_tier_up(tier))
+        })
+        .map(|rule| {
+            let tier = tier_reached.unwrap_or_default();
+            (
+                rule,
+                tier_up_reference(&rule.rule_id, customer_id, tier),
+                true,
+            )
+        });
+    let fired: Vec<(&GiftRuleSpec, String, bool)> = by_count.chain(by_tier).collect();
+    for (rule, reference, once_per_customer) in fired {
         let request = GrantRequest {
             customer_id,
             gift_id: &rule.gift_id,
@@ -345,7 +363,10 @@ pub async fn grants_for_purchase_rules(
             delay_hours: rule.delay_hours,
         };
         match try_grant(conn, merchant, &request).await? {
-            Granted::Created(grant) | Granted::Replayed(grant) => grants.push(grant),
+            Granted::Created(grant) => grants.push(grant),
+            // A tier reached again after a downgrade: its gift was an earlier purchase's.
+            Granted::Replayed(_) if once_per_customer => {}
+            Granted::Replayed(grant) => grants.push(grant),
             Granted::NoSuchGift | Granted::Inactive | Granted::SoldOut => {}
         }
     }
@@ -364,7 +385,7 @@ macro_rules! purchase_rules_exist {
     () => {
         "EXISTS (SELECT 1 FROM gift_rules
                   WHERE merchant_id = $1 AND active
-                    AND trigger IN ('first_purchase', 'every_nth_purchase'))"
+                    AND trigger IN ('first_purchase', 'every_nth_purchase', 'tier_up'))"
     };
 }
 
@@ -395,7 +416,7 @@ async fn purchase_rules(
         "SELECT",
         "FROM gift_rules
           WHERE merchant_id = $1 AND active
-            AND trigger IN ('first_purchase', 'every_nth_purchase')
+            AND trigger IN ('first_purchase', 'every_nth_purchase', 'tier_up')
           ORDER BY rule_id"
     ))
     .bind(merchant.0)
@@ -724,6 +745,7 @@ struct RuleRow {
     rule_id: String,
     trigger: String,
     every_n: Option<i32>,
+    tier_id: Option<String>,
     gift_id: String,
     delay_hours: i32,
     active: bool,
@@ -733,12 +755,13 @@ struct RuleRow {
 
 impl RuleRow {
     fn into_rule(self) -> Result<GiftRule, Error> {
-        let trigger = Trigger::from_stored(&self.trigger, self.every_n).ok_or_else(|| {
-            Error::internal(format!(
-                "stored gift rule trigger {:?} is invalid",
-                self.trigger
-            ))
-        })?;
+        let trigger = Trigger::from_stored(&self.trigger, self.every_n, self.tier_id.as_deref())
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "stored gift rule trigger {:?} is invalid",
+                    self.trigger
+                ))
+            })?;
         Ok(GiftRule {
             spec: GiftRuleSpec {
                 rule_id: self.rule_id,
@@ -801,10 +824,11 @@ pub(crate) async fn put_rule(
 ) -> Result<GiftRule, Error> {
     let row: RuleRow = sqlx::query_as(rule_columns!(
         "INSERT INTO gift_rules (merchant_id, rule_id, trigger, every_n, gift_id, delay_hours,
-                                 active, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+                                 active, created_at, updated_at, tier_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
          ON CONFLICT ON CONSTRAINT gift_rules_pkey DO UPDATE
             SET trigger = EXCLUDED.trigger, every_n = EXCLUDED.every_n,
+                tier_id = EXCLUDED.tier_id,
                 gift_id = EXCLUDED.gift_id, delay_hours = EXCLUDED.delay_hours,
                 active = EXCLUDED.active, version = gift_rules.version + 1,
                 updated_at = EXCLUDED.updated_at
@@ -819,6 +843,7 @@ pub(crate) async fn put_rule(
     .bind(spec.delay_hours as i32)
     .bind(spec.active)
     .bind(now)
+    .bind(spec.trigger.tier_id())
     .fetch_one(conn)
     .await
     .map_err(db_error)?;

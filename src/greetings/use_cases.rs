@@ -391,19 +391,19 @@ impl Greetings {
                     };
                     bonus = reward.bonus_points;
                     made.bonuses += 1;
-                    current = Some(state);
+                    current = Some(state.clone());
                     credited = Some(state);
                 }
                 let gift_reference = gift_id.as_ref().map(|_| reference.as_str());
                 store::set_reward(&mut tx, m, id, gift_reference, bonus).await?;
             }
             let state = match &current {
-                Some(state) => *state,
+                Some(state) => state.clone(),
                 None => {
                     let state = account::load(&mut tx, m, &c.external_id)
                         .await?
                         .ok_or_else(|| Error::internal("a locked account did not load"))?;
-                    current = Some(state);
+                    current = Some(state.clone());
                     state
                 }
             };

@@ -224,6 +224,47 @@ pub fn expiry_warnings(
     })
 }
 
+static STANDING_SWEEP_FAILURES: LogThrottle = LogThrottle::per_minute(6);
+
+/// The standing sweep: AT_RISK, LAPSED and the other time-driven status changes, the tier's
+/// downgrade warning and its downgrade after the grace, each customer when their `review_at`
+/// comes. Safe on every replica at once (`status::use_cases`); a full batch is followed at
+/// once by another.
+pub fn standing_sweep(
+    points: Points,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    every(interval, stop, move || {
+        let points = points.clone();
+        async move {
+            for _ in 0..10 {
+                match points.standing_sweep(SWEEP_BATCH).await {
+                    Ok(report) => {
+                        if report.status_changes + report.tier_changes + report.warnings > 0 {
+                            tracing::info!(
+                                looked_at = report.looked_at,
+                                status_changes = report.status_changes,
+                                tier_changes = report.tier_changes,
+                                warnings = report.warnings,
+                                "standing sweep"
+                            );
+                        }
+                        if report.looked_at < SWEEP_BATCH as u64 {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        if let Some(suppressed) = STANDING_SWEEP_FAILURES.admit() {
+                            tracing::warn!(%error, suppressed, "standing sweep failed");
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
 /// Probes Postgres and publishes the result to the health service and the pool metrics.
 pub fn health_probe<F, Fut>(
     interval: Duration,

@@ -12,6 +12,7 @@ use crate::platform::validation;
 use crate::points::rules::ledger::PageRequest;
 use crate::points::rules::requests::Claim;
 use crate::points::{self, Points};
+use crate::status::grpc::standing_message;
 
 pub struct MemberApi {
     pub members: Members,
@@ -48,8 +49,14 @@ impl MemberService for MemberApi {
         let r = request.into_inner();
         external_id(&r.external_id)?;
         let customer = self.members.get_customer(&caller, &r.external_id).await?;
+        // The standing is cached with the balance: usually no database read.
+        let state = self.points.get_balance(&caller, &r.external_id, 0).await?;
         Ok(Response::new(pb::GetCustomerResponse {
             customer: Some(customer_message(customer)),
+            standing: state
+                .standing
+                .as_ref()
+                .map(|s| standing_message(s, self.points.now())),
         }))
     }
 
@@ -71,6 +78,10 @@ impl MemberService for MemberApi {
             balance: Some(points::balance_message(&state)),
             purchase_count: state.purchase_count,
             next_expiry: points::expiry_message(&state),
+            standing: state
+                .standing
+                .as_ref()
+                .map(|s| standing_message(s, self.points.now())),
             external_id: r.external_id,
         }))
     }

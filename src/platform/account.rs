@@ -5,11 +5,13 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
+use sqlx::types::Json;
 
 use crate::error::Error;
 use crate::platform::cache::CustomerKey;
 use crate::platform::caller::MerchantId;
 use crate::platform::store::db_error;
+use crate::status::standing::Standing;
 
 /// The account of a customer by external id (the cold balance read).
 pub const ACCOUNT_BY_EXTERNAL_ID: &str = include_str!("sql/account_by_external_id.sql");
@@ -19,7 +21,7 @@ const ACCOUNTS_BY_EXTERNAL_IDS: &str = include_str!("sql/accounts_by_external_id
 
 /// The hot state of one customer, as stored in Postgres and cached in Redis.
 /// `version` grows on every change, so two copies can always be ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AccountState {
     pub available: i64,
     pub pending: i64,
@@ -31,6 +33,10 @@ pub struct AccountState {
     /// lots, so every statement that returns an account computes it (`sql/next_expiry.sql`).
     #[serde(default)]
     pub next_expiry: Option<PointsExpiry>,
+    /// Status and tier as reads show them (`accounts.standing`); `None` for an answer stored
+    /// before standings existed (a replay's) or an account never assessed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing: Option<Box<Standing>>,
 }
 
 /// Points that expire together: spendable strictly before `at`.
@@ -51,6 +57,7 @@ pub(crate) struct AccountRow {
     version: i64,
     next_expiry_points: Option<i64>,
     next_expiry_at: Option<DateTime<Utc>>,
+    standing: Option<Json<Standing>>,
 }
 
 impl From<AccountRow> for AccountState {
@@ -66,6 +73,7 @@ impl From<AccountRow> for AccountState {
                 (Some(points), Some(at)) if points > 0 => Some(PointsExpiry { points, at }),
                 _ => None,
             },
+            standing: row.standing.map(|s| Box::new(s.0)),
         }
     }
 }

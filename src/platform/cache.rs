@@ -34,6 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::error::Error;
 use crate::platform::account::{AccountState, PointsExpiry};
 use crate::platform::caller::MerchantId;
+use crate::status::standing::Standing;
 use crate::telemetry::Metrics;
 
 /// Keeps the suspect set bounded while Redis is down for long; beyond it the whole cache is
@@ -49,7 +50,7 @@ if current and tonumber(current) >= tonumber(ARGV[1]) then
   return 0
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'a', ARGV[2], 'p', ARGV[3], 'le', ARGV[4],
-           'lr', ARGV[5], 'pc', ARGV[6], 'xp', ARGV[8], 'xa', ARGV[9])
+           'lr', ARGV[5], 'pc', ARGV[6], 'xp', ARGV[8], 'xa', ARGV[9], 'st', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
 ";
@@ -58,6 +59,22 @@ return 1
 fn next_expiry_of(points: i64, at_micros: i64) -> Option<PointsExpiry> {
     let at = chrono::DateTime::from_timestamp_micros(at_micros)?;
     (points > 0).then_some(PointsExpiry { points, at })
+}
+
+/// The standing as cached: its JSON, or "" for none.
+fn standing_field(standing: Option<&Standing>) -> String {
+    standing
+        .and_then(|s| serde_json::to_string(s).ok())
+        .unwrap_or_default()
+}
+
+/// The cached standing: `None` when the entry has no field (a miss), `Some(None)` for "".
+/// An unreadable one is a miss too.
+fn standing_of(field: Option<String>) -> Option<Option<Box<Standing>>> {
+    match field?.as_str() {
+        "" => Some(None),
+        json => serde_json::from_str(json).ok().map(|s| Some(Box::new(s))),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +99,7 @@ pub struct CustomerKey {
     pub external_id: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheRead {
     Hit(AccountState),
     Miss,
@@ -215,45 +232,53 @@ impl Cache {
         pipe.cmd("HMGET")
             .arg(&key)
             .arg(&["v", "a", "p", "le", "lr", "pc", "xp", "xa"]);
+        pipe.cmd("HGET").arg(&key).arg("st");
         let reply = tokio::time::timeout(
             inner.config.timeout,
-            pipe.query_async::<(Option<String>, Vec<Option<i64>>)>(&mut conn),
+            pipe.query_async::<(Option<String>, Vec<Option<i64>>, Option<String>)>(&mut conn),
         )
         .await;
         match reply {
-            Ok(Ok((name, _))) if !instance.answered_on(name.as_deref()) => {
+            Ok(Ok((name, _, _))) if !instance.answered_on(name.as_deref()) => {
                 inner.forget_instance(&instance);
                 inner.metrics.cache_op("get", "skipped");
                 CacheRead::Skipped
             }
-            Ok(Ok((_, fields))) => match inner.succeeded(fields)[..] {
-                [
-                    Some(version),
-                    Some(available),
-                    Some(pending),
-                    Some(le),
-                    Some(lr),
-                    Some(pc),
-                    // An entry without them (written before expiry existed) is a miss.
-                    Some(expiring_points),
-                    Some(expires_at_micros),
-                ] => {
-                    inner.metrics.cache_op("get", "hit");
-                    CacheRead::Hit(AccountState {
-                        available,
-                        pending,
-                        lifetime_earned: le,
-                        lifetime_redeemed: lr,
-                        purchase_count: pc,
-                        version,
-                        next_expiry: next_expiry_of(expiring_points, expires_at_micros),
-                    })
+            Ok(Ok((_, fields, standing))) => {
+                match (&inner.succeeded(fields)[..], standing_of(standing)) {
+                    (
+                        &[
+                            Some(version),
+                            Some(available),
+                            Some(pending),
+                            Some(le),
+                            Some(lr),
+                            Some(pc),
+                            // An entry without them (written before expiry existed) is a miss.
+                            Some(expiring_points),
+                            Some(expires_at_micros),
+                        ],
+                        // An entry without it (written before standings existed) is a miss too.
+                        Some(standing),
+                    ) => {
+                        inner.metrics.cache_op("get", "hit");
+                        CacheRead::Hit(AccountState {
+                            available,
+                            pending,
+                            lifetime_earned: le,
+                            lifetime_redeemed: lr,
+                            purchase_count: pc,
+                            version,
+                            next_expiry: next_expiry_of(expiring_points, expires_at_micros),
+                            standing,
+                        })
+                    }
+                    _ => {
+                        inner.metrics.cache_op("get", "miss");
+                        CacheRead::Miss
+                    }
                 }
-                _ => {
-                    inner.metrics.cache_op("get", "miss");
-                    CacheRead::Miss
-                }
-            },
+            }
             Ok(Err(error)) => {
                 inner.failed("get", &error.to_string());
                 CacheRead::Skipped
@@ -299,7 +324,8 @@ impl Cache {
             .arg(state.purchase_count)
             .arg(inner.config.ttl.as_millis() as u64)
             .arg(state.next_expiry.map_or(0, |e| e.points))
-            .arg(state.next_expiry.map_or(0, |e| e.at.timestamp_micros()));
+            .arg(state.next_expiry.map_or(0, |e| e.at.timestamp_micros()))
+            .arg(standing_field(state.standing.as_deref()));
         let reply = tokio::time::timeout(
             inner.config.timeout,
             pipe.query_async::<(Option<String>, i64)>(&mut conn),

@@ -41,6 +41,7 @@ use crate::points::store::lifecycle::{
 use crate::programs;
 use crate::programs::lifecycle::ReturnPolicy;
 use crate::programs::rules::Program;
+use crate::status::rules::Trigger;
 
 /// The answer of a redemption (and what a replay gets back).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,7 +273,8 @@ pub async fn credit_bonus(
 }
 
 impl Points {
-    async fn program(
+    /// The merchant's program as it is now (its version read, the rules from the cache).
+    pub(crate) async fn program(
         &self,
         conn: &mut PgConnection,
         merchant: MerchantId,
@@ -316,7 +318,7 @@ impl Points {
         let answer = Spent {
             points: r.points,
             discount_minor: taken.discount_minor,
-            account: taken.state,
+            account: taken.state.clone(),
         };
         store::insert_redemption(
             &mut taken.tx,
@@ -372,7 +374,7 @@ impl Points {
             points: h.points,
             discount_minor: taken.discount_minor,
             expires_at: now + h.ttl,
-            account: taken.state,
+            account: taken.state.clone(),
         };
         store::insert_reservation(
             &mut taken.tx,
@@ -779,7 +781,7 @@ impl Points {
             points_clawed_back: clawed_back,
             points_written_off: written_off,
             points_refunded: refund,
-            account: state,
+            account: state.clone(),
         };
         let line_returns = if stored_lines.is_empty() {
             Vec::new()
@@ -802,6 +804,11 @@ impl Points {
             },
         )
         .await?;
+        // The return may cost a visit or tier qualification: the status is reassessed now
+        // (a tier only starts its grace; the sweep downgrades after it).
+        let state = self
+            .reassess(&mut tx, merchant, customer, &program, Trigger::Return, now)
+            .await?;
         commit(tx).await?;
         self.publisher
             .publish(merchant, &purchase.external_id, &state)
@@ -888,7 +895,7 @@ impl Points {
         let state = self.write(&mut tx, merchant, &account, change).await?;
         let answer = Adjusted {
             points: a.points,
-            account: state,
+            account: state.clone(),
         };
         let actor = caller.actor();
         store::insert_adjustment(
@@ -1019,7 +1026,9 @@ impl Points {
                 gift_id: &c.gift_id,
                 points: price,
                 request_hash: &c.fingerprint(),
-                answer: &ClaimAnswer { account: state },
+                answer: &ClaimAnswer {
+                    account: state.clone(),
+                },
             },
         )
         .await?;

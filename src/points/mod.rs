@@ -10,7 +10,7 @@ mod grpc;
 pub mod lifecycle;
 pub mod rules;
 pub mod sql;
-mod store;
+pub(crate) mod store;
 pub mod use_cases;
 
 use std::collections::HashMap;
@@ -47,10 +47,11 @@ pub const DECLARATION: Declaration = Declaration {
 /// The use cases of points. Cheap to clone.
 #[derive(Clone)]
 pub struct Points {
-    store: Store,
-    publisher: Publisher,
-    programs: ProgramCache,
-    clock: Arc<dyn Clock>,
+    // The status feature's use cases (status::use_cases) work on the same accounts.
+    pub(crate) store: Store,
+    pub(crate) publisher: Publisher,
+    pub(crate) programs: ProgramCache,
+    pub(crate) clock: Arc<dyn Clock>,
     /// One large basket earned at a time per merchant (`use_cases::earn_off_workers`).
     large_baskets: LargeBaskets,
 }

@@ -5,6 +5,7 @@ pub mod lifecycle;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
+use sqlx::types::Json;
 
 use crate::error::Error;
 use crate::platform::account::{AccountRow, AccountState};
@@ -15,12 +16,27 @@ use crate::points::rules::ledger::{EntryKind, LedgerEntry, PageRequest};
 use crate::points::rules::lots::LotTerms;
 use crate::points::rules::purchase::Purchase;
 use crate::points::sql;
+use crate::status::rules::RepeatStatus;
+use crate::status::standing::{Evaluation, Facts, PurchaseFact, Standing, status_details};
+use crate::tiers::rules::TierStanding;
 
 pub enum RecordOutcome {
     /// The purchase was stored; the account right after it.
     Recorded(AccountState),
     /// The purchase_id was taken already (by an earlier attempt or a concurrent one).
     AlreadyTaken,
+    /// Nothing was written and the purchase_id is free: the account's version was no longer
+    /// the one read (a concurrent write to this customer), or the program's currency
+    /// changed. The caller tells the two apart.
+    NotWritten,
+}
+
+/// The standing the purchase writes (`status::standing::evaluate` with the purchase added),
+/// if the account is still at `expected_version`.
+pub struct StandingWrite<'a> {
+    pub expected_version: i64,
+    pub evaluation: &'a Evaluation,
+    pub at: DateTime<Utc>,
 }
 
 /// Writes the purchase, its lines, its EARN ledger entry and the account update in one
@@ -32,8 +48,10 @@ pub async fn record(
     purchase: &Purchase,
     earned: &Earn,
     lot: &LotTerms,
+    standing: &StandingWrite<'_>,
 ) -> Result<RecordOutcome, Error> {
     let points = earned.points;
+    let e = standing.evaluation;
     let basket = &purchase.basket;
     let count = basket.lines.len();
     let mut line_no = Vec::with_capacity(count);
@@ -69,11 +87,23 @@ pub async fn record(
         .bind(lot.expires_at.unwrap_or(basket.occurred_at))
         .bind(lot.expires_at.is_some())
         .bind(lot.extends_open_lots)
+        .bind(standing.expected_version)
+        .bind(e.status.as_str())
+        .bind(e.status_since)
+        .bind(e.regular_since)
+        .bind(e.tier.tier_id.as_deref())
+        .bind(e.tier.since)
+        .bind(e.tier.below_since)
+        .bind(e.review_at)
+        .bind(Json(&e.standing))
+        .bind(e.status_change.as_ref().map(|c| Json(status_details(c))))
+        .bind(e.tier_change.as_ref().map(|c| Json(c.details())))
+        .bind(standing.at)
         .fetch_optional(conn)
         .await;
     match result {
         Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
-        Ok(None) => Ok(RecordOutcome::AlreadyTaken),
+        Ok(None) => Ok(RecordOutcome::NotWritten),
         Err(error) => match violated_unique_constraint(&error).as_deref() {
             // The purchase's only unique key (its entry and lot have none, see the statement).
             Some("purchases_pkey") => Ok(RecordOutcome::AlreadyTaken),
@@ -133,12 +163,13 @@ pub async fn find(
             version: r.version_after,
             // Receipts answer with the balance only; GetBalance reads the expiry.
             next_expiry: None,
+            standing: None,
         },
     }))
 }
 
 /// What checkout needs before it can write.
-#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CheckoutContext {
     /// To know whether the in-memory program is current.
     pub program_version: i64,
@@ -146,17 +177,90 @@ pub struct CheckoutContext {
     pub customer_id: Option<i64>,
     /// Whether a purchase may fire gift rules (it then runs in a transaction with them).
     pub has_gift_rules: bool,
+    /// The customer's standing as read, `None`s for a customer not enrolled yet.
+    #[sqlx(flatten)]
+    pub standing: StandingRow,
 }
 
-/// The checkout context; `None` when the merchant has no program (it does not exist).
+impl CheckoutContext {
+    /// The account version the record statement must still find (0: a new account).
+    pub fn account_version(&self) -> i64 {
+        self.standing.account_version.unwrap_or(0)
+    }
+}
+
+/// A customer's stored standing and their purchases in the look-back, as the checkout
+/// context and the status feature's reads return them.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct StandingRow {
+    pub account_version: Option<i64>,
+    pub status: Option<String>,
+    pub status_since: Option<DateTime<Utc>>,
+    pub regular_since: Option<DateTime<Utc>>,
+    pub tier_id: Option<String>,
+    pub tier_since: Option<DateTime<Utc>>,
+    pub tier_below_since: Option<DateTime<Utc>>,
+    pub tier_warned_for: Option<DateTime<Utc>>,
+    pub standing: Option<Json<Standing>>,
+    pub fact_at: Option<Vec<DateTime<Utc>>>,
+    pub fact_spend: Option<Vec<i64>>,
+    pub fact_points: Option<Vec<i64>>,
+    pub fact_counted: Option<Vec<bool>>,
+    pub older_counted: Option<i64>,
+}
+
+impl StandingRow {
+    /// What the rules need; a customer not enrolled (or never assessed) is NEW.
+    pub fn facts(&self, now: DateTime<Utc>) -> Result<Facts, Error> {
+        let status = match self.status.as_deref() {
+            None => RepeatStatus::New,
+            Some(stored) => RepeatStatus::parse(stored)
+                .ok_or_else(|| Error::internal(format!("stored status {stored:?} is invalid")))?,
+        };
+        let at = self.fact_at.as_deref().unwrap_or_default();
+        let spend = self.fact_spend.as_deref().unwrap_or_default();
+        let points = self.fact_points.as_deref().unwrap_or_default();
+        let counted = self.fact_counted.as_deref().unwrap_or_default();
+        let purchases = at
+            .iter()
+            .zip(spend)
+            .zip(points)
+            .zip(counted)
+            .map(|(((at, spend), points), counted)| PurchaseFact {
+                at: *at,
+                spend: *spend,
+                points: *points,
+                counted: *counted,
+            })
+            .collect();
+        Ok(Facts {
+            status,
+            status_since: self.status_since,
+            regular_since: self.regular_since,
+            tier: TierStanding {
+                tier_id: self.tier_id.clone(),
+                since: self.tier_since.unwrap_or(now),
+                below_since: self.tier_below_since,
+            },
+            tier_warned_for: self.tier_warned_for,
+            purchases,
+            older_counted: self.older_counted.unwrap_or(0),
+        })
+    }
+}
+
+/// The checkout context; `None` when the merchant has no program (it does not exist). `now`
+/// (the clock's) bounds the purchases read to the program's look-back.
 pub async fn checkout_context(
     conn: &mut PgConnection,
     merchant: MerchantId,
     external_id: &str,
+    now: DateTime<Utc>,
 ) -> Result<Option<CheckoutContext>, Error> {
     sqlx::query_as::<_, CheckoutContext>(sql::CHECKOUT_CONTEXT)
         .bind(merchant.0)
         .bind(external_id)
+        .bind(now)
         .fetch_optional(conn)
         .await
         .map_err(db_error)

@@ -15,9 +15,12 @@ use crate::points::{self, Points};
 use crate::programs::Programs;
 use crate::programs::lifecycle::{ExpiryPolicy, Lifecycle, RedemptionRule, ReturnPolicy};
 use crate::programs::rules::{
-    CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput, ProgramRules,
-    PromotionInput,
+    BASE_MULTIPLIER_BP, CategoryMultiplierInput, EarnRate, OldReceipts, Program, ProgramInput,
+    ProgramRules, PromotionInput,
 };
+use crate::status::rules::StatusThresholds;
+use crate::tiers;
+use crate::tiers::rules::{Tier, TierMetric, TierProgram};
 
 pub struct ProgramApi {
     pub programs: Programs,
@@ -120,6 +123,13 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     let mut program = program.ok_or_else(|| Error::invalid("program", "is required"))?;
     let lifecycle = lifecycle_input(&program)?;
     let occasions = occasions_input(program.occasions.take())?;
+    let status = program
+        .status
+        .map_or_else(StatusThresholds::default, status_input);
+    let tiers = match program.tiers.take() {
+        None => TierProgram::default(),
+        Some(tiers) => tiers_input(tiers)?,
+    };
     let mut promotions = Vec::with_capacity(program.promotions.len());
     for (i, p) in program.promotions.into_iter().enumerate() {
         promotions.push(PromotionInput {
@@ -150,6 +160,8 @@ fn program_input(program: Option<pb::Program>) -> Result<ProgramInput, Error> {
     Ok(ProgramInput {
         lifecycle,
         occasions,
+        status,
+        tiers,
         max_receipt_age_days: program.max_receipt_age_days,
         old_receipts,
         currency: program.currency,
@@ -328,6 +340,99 @@ fn occasions_message(occasions: OccasionProgram) -> pb::OccasionSettings {
     }
 }
 
+/// The status thresholds as sent; every field is checked by `StatusThresholds::check` (0 is
+/// out of bounds for each, so a field left out is named).
+fn status_input(s: pb::StatusThresholds) -> StatusThresholds {
+    StatusThresholds {
+        regular_purchases: s.regular_purchases,
+        regular_window_days: s.regular_window_days,
+        loyal_after_regular_days: s.loyal_after_regular_days,
+        loyal_purchases_per_year: s.loyal_purchases_per_year,
+        at_risk_gap_factor_bp: s.at_risk_gap_factor_bp,
+        at_risk_floor_days: s.at_risk_floor_days,
+        lapsed_after_days: s.lapsed_after_days,
+    }
+}
+
+fn status_message(s: StatusThresholds) -> pb::StatusThresholds {
+    pb::StatusThresholds {
+        regular_purchases: s.regular_purchases,
+        regular_window_days: s.regular_window_days,
+        loyal_after_regular_days: s.loyal_after_regular_days,
+        loyal_purchases_per_year: s.loyal_purchases_per_year,
+        at_risk_gap_factor_bp: s.at_risk_gap_factor_bp,
+        at_risk_floor_days: s.at_risk_floor_days,
+        lapsed_after_days: s.lapsed_after_days,
+    }
+}
+
+/// The tiers as sent, with the proto's defaults applied (bounds are checked by
+/// `TierProgram::check`).
+fn tiers_input(t: pb::TierProgram) -> Result<TierProgram, Error> {
+    let metric = match pb::TierMetric::try_from(t.metric) {
+        Ok(pb::TierMetric::Unspecified | pb::TierMetric::Spend) => TierMetric::Spend,
+        Ok(pb::TierMetric::Visits) => TierMetric::Visits,
+        Ok(pb::TierMetric::PointsEarned) => TierMetric::PointsEarned,
+        Err(_) => {
+            return Err(Error::invalid(
+                "program.tiers.metric",
+                "is not a known TierMetric",
+            ));
+        }
+    };
+    Ok(TierProgram {
+        metric,
+        window_days: match t.window_days {
+            0 => tiers::rules::DEFAULT_WINDOW_DAYS,
+            days => days,
+        },
+        grace_days: t.grace_days,
+        warning_days: t.warning_days,
+        levels: t
+            .levels
+            .into_iter()
+            .map(|tier| Tier {
+                id: tier.id,
+                name: tier.name,
+                threshold: tier.threshold,
+                earn_multiplier_bp: match tier.earn_multiplier_bp {
+                    0 => BASE_MULTIPLIER_BP,
+                    bp => bp,
+                },
+                perks: tier.perks,
+            })
+            .collect(),
+    })
+}
+
+pub(crate) fn metric_message(metric: TierMetric) -> pb::TierMetric {
+    match metric {
+        TierMetric::Spend => pb::TierMetric::Spend,
+        TierMetric::Visits => pb::TierMetric::Visits,
+        TierMetric::PointsEarned => pb::TierMetric::PointsEarned,
+    }
+}
+
+fn tiers_message(t: TierProgram) -> pb::TierProgram {
+    pb::TierProgram {
+        metric: metric_message(t.metric) as i32,
+        window_days: t.window_days,
+        grace_days: t.grace_days,
+        warning_days: t.warning_days,
+        levels: t
+            .levels
+            .into_iter()
+            .map(|tier| pb::Tier {
+                id: tier.id,
+                name: tier.name,
+                threshold: tier.threshold,
+                earn_multiplier_bp: tier.earn_multiplier_bp,
+                perks: tier.perks,
+            })
+            .collect(),
+    }
+}
+
 fn expiry_message(expiry: ExpiryPolicy) -> pb::ExpiryPolicy {
     let (kind, months) = match expiry {
         ExpiryPolicy::Never => (pb::ExpiryKind::Never, 0),
@@ -388,6 +493,8 @@ fn program_message(program: Program) -> pb::Program {
             OldReceipts::Refuse => pb::OldReceiptPolicy::Refuse,
             OldReceipts::EarnAtToday => pb::OldReceiptPolicy::EarnAtTodaysRules,
         } as i32,
+        status: Some(status_message(rules.status)),
+        tiers: Some(tiers_message(rules.tiers)),
         version: program.version,
         updated_at: Some(timestamp(program.updated_at)),
     }

@@ -2,7 +2,7 @@
 //! checkout and replaced by admins (`ProgramService`). The rules are validated in `rules.rs`;
 //! checkout keeps an in-memory copy per merchant ([`ProgramCache`]).
 
-mod grpc;
+pub(crate) mod grpc;
 pub mod lifecycle;
 pub mod rules;
 pub mod store;

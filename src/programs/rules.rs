@@ -11,6 +11,8 @@ use crate::platform::money::{self, Currency};
 use crate::platform::validation::Invalid;
 use crate::platform::validation::{self, Violations};
 use crate::programs::lifecycle::Lifecycle;
+use crate::status::rules::StatusThresholds;
+use crate::tiers::rules::TierProgram;
 
 /// 1x, in basis points.
 pub const BASE_MULTIPLIER_BP: u32 = 10_000;
@@ -175,6 +177,10 @@ pub struct ProgramRules {
     pub lifecycle: Lifecycle,
     /// Which occasions are greeted, the holidays and the birthday reward.
     pub occasions: OccasionProgram,
+    /// Repeat-purchase status thresholds.
+    pub status: StatusThresholds,
+    /// VIP tiers (none by default).
+    pub tiers: TierProgram,
 }
 
 impl ProgramRules {
@@ -192,7 +198,17 @@ impl ProgramRules {
             receipt_age: ReceiptAge::default(),
             lifecycle: Lifecycle::default(),
             occasions: OccasionProgram::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         }
+    }
+
+    /// How many days of a customer's purchases an assessment of their status and tier reads:
+    /// the status's look-back and the tiers' window, whichever is longer. Stored with the
+    /// program (`programs.look_back_days`) so checkout's first read can bound its purchases
+    /// before it has the program's rules.
+    pub fn look_back_days(&self) -> u32 {
+        self.status.look_back_days().max(self.tiers.window_days)
     }
 
     pub fn category_multiplier_bp(&self, category: &str) -> u32 {
@@ -247,6 +263,9 @@ pub struct ProgramInput {
     pub lifecycle: Lifecycle,
     /// Checked by `parse`.
     pub occasions: OccasionProgram,
+    pub status: StatusThresholds,
+    /// Checked by `parse` (its proto defaults already applied).
+    pub tiers: TierProgram,
 }
 
 impl ProgramRules {
@@ -414,6 +433,8 @@ impl ProgramRules {
         };
         input.lifecycle.check(&mut v);
         input.occasions.check(&mut v);
+        input.status.check(&mut v);
+        input.tiers.check(&mut v);
 
         match (currency, earn_rate, minimum) {
             (Some(currency), Some(earn_rate), Some(minimum_purchase_minor)) if v.is_empty() => {
@@ -426,6 +447,8 @@ impl ProgramRules {
                     receipt_age,
                     lifecycle: input.lifecycle,
                     occasions: input.occasions,
+                    status: input.status,
+                    tiers: input.tiers,
                 })
             }
             _ => Err(v.into_error()),
@@ -457,6 +480,8 @@ mod tests {
             old_receipts: None,
             lifecycle: Lifecycle::default(),
             occasions: OccasionProgram::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         }
     }
 
@@ -534,6 +559,8 @@ mod tests {
             old_receipts: None,
             lifecycle: Lifecycle::default(),
             occasions: OccasionProgram::default(),
+            status: StatusThresholds::default(),
+            tiers: TierProgram::default(),
         };
         assert_eq!(
             fields(ProgramRules::parse(program)),

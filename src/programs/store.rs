@@ -16,6 +16,8 @@ use crate::programs::lifecycle::Lifecycle;
 use crate::programs::rules::{
     EarnRate, OldReceipts, Program, ProgramRules, Promotion, PromotionIndex, ReceiptAge,
 };
+use crate::status::rules::StatusThresholds;
+use crate::tiers::rules::TierProgram;
 
 #[derive(sqlx::FromRow)]
 struct ProgramRow {
@@ -29,6 +31,8 @@ struct ProgramRow {
     old_receipts: String,
     lifecycle: Json<Lifecycle>,
     occasions: Json<OccasionProgram>,
+    status: Json<StatusThresholds>,
+    tiers: Json<TierProgram>,
     version: i64,
     updated_at: DateTime<Utc>,
 }
@@ -62,6 +66,8 @@ impl ProgramRow {
                 },
                 lifecycle: self.lifecycle.0,
                 occasions: self.occasions.0,
+                status: self.status.0,
+                tiers: self.tiers.0,
             },
             version: self.version,
             updated_at: self.updated_at,
@@ -72,7 +78,7 @@ impl ProgramRow {
 const SELECT_PROGRAM: &str =
     "SELECT currency, earn_points, earn_currency_units, minimum_purchase_minor,
         category_multipliers, promotions, max_receipt_age_days, old_receipts, lifecycle,
-        occasions, version, updated_at
+        occasions, status, tiers, version, updated_at
    FROM programs
   WHERE merchant_id = $1";
 
@@ -106,8 +112,9 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO programs (merchant_id, currency, earn_points, earn_currency_units,
                                minimum_purchase_minor, category_multipliers, promotions,
-                               max_receipt_age_days, old_receipts, lifecycle, occasions)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                               max_receipt_age_days, old_receipts, lifecycle, occasions, status,
+                               tiers, look_back_days)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -120,6 +127,9 @@ pub async fn insert(
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
     .bind(Json(&rules.occasions))
+    .bind(Json(&rules.status))
+    .bind(Json(&rules.tiers))
+    .bind(rules.look_back_days() as i32)
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -170,11 +180,12 @@ pub async fn replace(
             SET currency = $2, earn_points = $3, earn_currency_units = $4,
                 minimum_purchase_minor = $5, category_multipliers = $6, promotions = $7,
                 max_receipt_age_days = $8, old_receipts = $9, lifecycle = $10,
-                occasions = $11, version = version + 1, updated_at = now()
+                occasions = $11, status = $12, tiers = $13, look_back_days = $14,
+                version = version + 1, updated_at = now()
           WHERE merchant_id = $1
       RETURNING currency, earn_points, earn_currency_units, minimum_purchase_minor,
                 category_multipliers, promotions, max_receipt_age_days, old_receipts,
-                lifecycle, occasions, version, updated_at",
+                lifecycle, occasions, status, tiers, version, updated_at",
     )
     .bind(merchant.0)
     .bind(rules.currency.code())
@@ -187,6 +198,9 @@ pub async fn replace(
     .bind(rules.receipt_age.older.as_str())
     .bind(Json(&rules.lifecycle))
     .bind(Json(&rules.occasions))
+    .bind(Json(&rules.status))
+    .bind(Json(&rules.tiers))
+    .bind(rules.look_back_days() as i32)
     .fetch_one(conn)
     .await
     .map_err(db_error)?;

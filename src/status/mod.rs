@@ -1,6 +1,11 @@
 //! Repeat-purchase status: NEW → RETURNING → REGULAR → LOYAL as a customer comes back, AT_RISK
-//! and LAPSED when they stop, with the program's thresholds. Only the pure rules exist so far
-//! (`rules.rs`): the status at an instant from a summary of the customer's purchases, the
-//! reason of a change, when to look again, and what the customer needs for the next status.
+//! and LAPSED when they stop, with the program's thresholds. `rules.rs`: the status at an
+//! instant, its reason, when to look again, the hint for the next status; `standing.rs`: status
+//! and tier assessed together, as checkout, returns and the sweep write them; `store.rs`: the
+//! SQL outside checkout's statement; `use_cases.rs`: a return's reassessment and the sweep.
 
+pub mod grpc;
 pub mod rules;
+pub mod standing;
+pub mod store;
+pub mod use_cases;

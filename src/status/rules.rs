@@ -573,8 +573,9 @@ pub enum HintRoute {
 
 /// What a customer needs for their next status: "1 more purchase within 23 days to become
 /// REGULAR". Structured for apps that word it themselves; [`NextStatusHint::sentence`] is the
-/// English one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// English one. Stored with the customer's standing (instants only); [`NextStatusHint::at`]
+/// makes it relative to the moment it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NextStatusHint {
     pub target: RepeatStatus,
     pub route: HintRoute,
@@ -591,6 +592,18 @@ pub struct NextStatusHint {
 }
 
 impl NextStatusHint {
+    /// The hint as seen at `now`: the days left before its deadline counted from `now` (a
+    /// hint computed at a write and read later). A hint without a deadline is unchanged.
+    pub fn at(self, now: DateTime<Utc>) -> NextStatusHint {
+        match self.deadline {
+            Some(deadline) => NextStatusHint {
+                within_days: Some(whole_days(deadline.signed_duration_since(now))),
+                ..self
+            },
+            None => self,
+        }
+    }
+
     /// The hint in English, e.g. "1 more purchase within 23 days to become REGULAR".
     pub fn sentence(&self) -> String {
         let purchases = match self.purchases_needed {
@@ -1598,5 +1611,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_stored_hint_counts_its_days_from_the_moment_it_is_read() {
+        let written = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let hint = NextStatusHint {
+            target: RepeatStatus::Regular,
+            route: HintRoute::PurchasesInWindow,
+            purchases_needed: 1,
+            deadline: Some(written + TimeDelta::days(23)),
+            within_days: Some(23),
+            arrives_at: None,
+        };
+        let json = serde_json::to_string(&hint).unwrap();
+        let stored: NextStatusHint = serde_json::from_str(&json).unwrap();
+        assert_eq!(stored, hint);
+        assert_eq!(
+            stored.at(written + TimeDelta::days(3)).sentence(),
+            "1 more purchase within 20 days to become REGULAR"
+        );
+        assert_eq!(
+            stored
+                .at(written + TimeDelta::days(23) - TimeDelta::hours(2))
+                .sentence(),
+            "1 more purchase before 2026-01-24 12:00 UTC to become REGULAR"
+        );
+        let undated = NextStatusHint {
+            deadline: None,
+            within_days: Some(180),
+            ..hint
+        };
+        assert_eq!(undated.at(written + TimeDelta::days(50)), undated);
     }
 }

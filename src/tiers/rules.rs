@@ -487,7 +487,7 @@ pub fn downgrade_warning(
 }
 
 /// How far the customer is from the next tier (GetBalance).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierProgress {
     pub next_tier_id: String,
     pub next_tier_name: String,

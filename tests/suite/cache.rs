@@ -111,6 +111,7 @@ async fn a_stale_cache_write_never_overwrites_a_newer_one() {
         purchase_count: first.purchase_count,
         version: older.version,
         next_expiry: None,
+        standing: None,
     };
     assert_eq!(
         cache.put(merchant.id, "card-1", &stale).await,

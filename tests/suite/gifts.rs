@@ -1114,6 +1114,7 @@ async fn purchase_rules_grant_once_skip_sold_out_gifts_and_returns_revoke_them()
                 card_1,
                 purchase_id,
                 count,
+                None,
                 now,
             )
             .await

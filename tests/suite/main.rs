@@ -20,6 +20,7 @@ mod reliability_limits;
 mod reliability_tenancy;
 mod request_ids;
 mod server;
+mod standing;
 mod streams;
 mod tls;
 mod validation;

@@ -94,6 +94,7 @@ pub async fn warm(
                         purchase_count: row.purchase_count,
                         version: row.version,
                         next_expiry: None,
+                        standing: None,
                     };
                     cache.put(merchant, &row.external_id, &state).await
                 }

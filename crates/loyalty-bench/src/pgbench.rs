@@ -67,11 +67,12 @@ impl Ceiling {
 type Defines = Vec<(&'static str, String)>;
 
 /// The pgbench variable of each `$n` of `CHECKOUT_CONTEXT`.
-const CONTEXT_PARAMS: [&str; 2] = ["merchant_id", "external_id"];
+const CONTEXT_PARAMS: [&str; 3] = ["merchant_id", "external_id", "now"];
 
 /// The pgbench variable of each `$n` of `RECORD_PURCHASE` (the names of its header comment).
-/// `customer_id` comes from the context query through `\gset`, as the service takes it.
-const RECORD_PARAMS: [&str; 20] = [
+/// `customer_id` and `account_version` come from the context query through `\gset`, as the
+/// service takes them.
+const RECORD_PARAMS: [&str; 32] = [
     "merchant_id",
     "customer_id",
     "purchase_id",
@@ -92,6 +93,18 @@ const RECORD_PARAMS: [&str; 20] = [
     "expires_at",
     "expires",
     "extends",
+    "account_version",
+    "status",
+    "status_since",
+    "regular_since",
+    "tier_id",
+    "tier_since",
+    "tier_below_since",
+    "review_at",
+    "standing",
+    "status_change",
+    "tier_change",
+    "at",
 ];
 
 /// The pgbench script of one RecordPurchase.
@@ -366,7 +379,44 @@ fn defines(merchant: MerchantId, customers: u64) -> Vec<(&'static str, String)> 
         ("expires_at", occurred_at.clone()),
         ("expires", "false".into()),
         ("extends", "false".into()),
+        // The customer's standing as the service computes it for a regular customer of a
+        // program with tiers, whose purchase changes neither status nor tier (the common case:
+        // a change adds two history rows and two events).
+        ("now", occurred_at.clone()),
+        ("status", "regular".into()),
+        ("status_since", occurred_at.clone()),
+        ("regular_since", occurred_at.clone()),
+        ("tier_id", "silver".into()),
+        ("tier_since", occurred_at.clone()),
+        ("tier_below_since", occurred_at.clone()),
+        ("review_at", occurred_at.clone()),
+        ("standing", bench_standing(&occurred_at)),
+        ("status_change", "null".into()),
+        ("tier_change", "null".into()),
+        ("at", occurred_at.clone()),
     ]
+}
+
+/// A stored standing the size of the service's: a hint, a tier with perks, progress.
+fn bench_standing(at: &str) -> String {
+    serde_json::json!({
+        "status": "regular",
+        "status_since": at,
+        "hint": {
+            "target": "loyal", "route": "purchases_in_window", "purchases_needed": 6,
+            "deadline": at, "within_days": 120, "arrives_at": null
+        },
+        "tier": {
+            "id": "silver", "name": "Silver", "perks": ["Free delivery", "Try at home"],
+            "earn_multiplier_bp": 12500, "since": at, "downgrade_at": null
+        },
+        "progress": {
+            "next_tier_id": "gold", "next_tier_name": "Gold", "metric": "spend",
+            "window_days": 365, "value": 42000, "threshold": 100000, "needed": 58000
+        },
+        "as_of": at
+    })
+    .to_string()
 }
 
 /// The values of the redeem script: a hold of `REDEEM_POINTS` as the gRPC scenario makes it,
@@ -392,12 +442,13 @@ fn redeem_defines(merchant: MerchantId, customers: u64, run: Duration) -> Result
         purchase_count: 4,
         version: 60,
         next_expiry: None,
+        standing: None,
     };
     let held = Held {
         points: REDEEM_POINTS,
         discount_minor,
         expires_at,
-        account,
+        account: account.clone(),
     };
     let settled = Settled {
         status: Settlement::Committed,
@@ -970,11 +1021,16 @@ mod tests {
                 "purchase_id",
                 "customer_id",
                 "program_version",
+                "account_version",
             ])
             .collect();
         for name in RECORD_PARAMS.iter().chain(CONTEXT_PARAMS.iter()) {
             assert!(defined.contains(name), "{name} is never set");
-            assert!(script.contains(&format!(":{name}")) || *name == "customer_id");
+            assert!(
+                script.contains(&format!(":{name}"))
+                    || *name == "customer_id"
+                    || *name == "account_version"
+            );
         }
     }
 

@@ -49,7 +49,7 @@ impl Publisher {
         let cache = self.cache.clone();
         let store = self.store.clone();
         let external_id = external_id.to_string();
-        let state = *state;
+        let state = state.clone();
         // The task keeps the request's span, so its log lines still carry the request id.
         let publishing = tokio::spawn(
             async move {

@@ -47,13 +47,43 @@ pub fn earn(program: &Program, basket: &Basket) -> Result<Earn, Invalid> {
 /// What the basket earns with the promotions of `at` (the program's receipt age rule may move
 /// an old receipt to the rules of today: `ReceiptAge::earning_instant`).
 pub fn earn_at(program: &Program, basket: &Basket, at: DateTime<Utc>) -> Result<Earn, Invalid> {
-    earn_indexed(&program.rules, &program.promotion_index, basket, at)
+    earn_indexed(
+        &program.rules,
+        &program.promotion_index,
+        basket,
+        at,
+        BASE_MULTIPLIER_BP,
+    )
+}
+
+/// [`earn_at`] for a customer whose tier earns `tier_multiplier_bp` (`TierProgram::
+/// earn_multiplier_bp` of the tier held when the purchase starts): it multiplies every line
+/// on top of its category and promotion multipliers, before the one rounding.
+pub fn earn_at_tier(
+    program: &Program,
+    basket: &Basket,
+    at: DateTime<Utc>,
+    tier_multiplier_bp: u32,
+) -> Result<Earn, Invalid> {
+    earn_indexed(
+        &program.rules,
+        &program.promotion_index,
+        basket,
+        at,
+        tier_multiplier_bp,
+    )
 }
 
 /// Like [`earn`], for rules not loaded as a program (the index is built on the spot).
 pub fn earn_under(rules: &ProgramRules, basket: &Basket) -> Result<Earn, Invalid> {
     let index = PromotionIndex::new(&rules.promotions);
-    earn_indexed(rules, &index, basket, basket.occurred_at)
+    earn_indexed(
+        rules,
+        &index,
+        basket,
+        basket.occurred_at,
+        BASE_MULTIPLIER_BP,
+    )
 }
 
 fn earn_indexed(
@@ -61,6 +91,7 @@ fn earn_indexed(
     index: &PromotionIndex,
     basket: &Basket,
     at: DateTime<Utc>,
+    tier_multiplier_bp: u32,
 ) -> Result<Earn, Invalid> {
     if basket.currency != rules.currency {
         return Err(Invalid::field(
@@ -108,8 +139,8 @@ fn earn_indexed(
     let numerator = weighted * i128::from(rules.earn_rate.points);
     let denominator =
         i128::from(rules.earn_rate.currency_units) * rules.currency.minor_per_unit() * bp * bp;
-    let points = i64::try_from(numerator / denominator)
-        .ok()
+    let points = times_tier(numerator, denominator, tier_multiplier_bp)
+        .and_then(|points| i64::try_from(points).ok())
         .filter(|points| *points <= MAX_POINTS_PER_PURCHASE)
         .ok_or_else(|| {
             Invalid::field(
@@ -136,6 +167,22 @@ fn earn_indexed(
         applied_promotion_ids,
         line_points,
     })
+}
+
+/// floor(numerator × tier / (denominator × 10,000)) without overflow: the numerator alone
+/// may reach 10^36, so the tier multiplies its quotient and remainder apart. `None` (refused
+/// as too many points) only far beyond any purchase's cap.
+fn times_tier(numerator: i128, denominator: i128, tier_bp: u32) -> Option<i128> {
+    let bp = i128::from(BASE_MULTIPLIER_BP);
+    let tier = i128::from(tier_bp);
+    let (quotient, remainder) = (numerator / denominator, numerator % denominator);
+    let scaled = quotient.checked_mul(tier)?;
+    let (whole, part) = (scaled / bp, scaled % bp);
+    let rest = part
+        .checked_mul(denominator)?
+        .checked_add(remainder.checked_mul(tier)?)?
+        / denominator.checked_mul(bp)?;
+    whole.checked_add(rest)
 }
 
 /// Splits `points` over lines in proportion to their weights, exactly: each line gets the
@@ -490,5 +537,36 @@ mod tests {
         assert_eq!(earned.line_points, [5, 2]);
         let none = earn_under(&rules, &basket(&[])).unwrap();
         assert!(none.line_points.is_empty());
+    }
+
+    #[test]
+    fn a_tier_multiplies_on_top_of_category_and_promotion_before_the_one_rounding() {
+        let mut rules = rules();
+        rules.category_multipliers.insert("coffee".into(), 15_000);
+        let program = Program {
+            promotion_index: PromotionIndex::new(&rules.promotions),
+            rules,
+            version: 1,
+            updated_at: at(0),
+        };
+        let basket = basket(&[("coffee", 1_099)]);
+        let at = basket.occurred_at;
+        // 10.99 EUR × 1.5 = 16.485 points: 16 at 1×, 24.7275 → 24 at 1.5×, 32.97 → 32 at 2×.
+        assert_eq!(earn_at(&program, &basket, at).unwrap().points, 16);
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 10_000).unwrap().points,
+            16
+        );
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 15_000).unwrap().points,
+            24
+        );
+        assert_eq!(
+            earn_at_tier(&program, &basket, at, 20_000).unwrap().points,
+            32
+        );
+        // The largest numerator does not overflow: it is refused as too many points.
+        assert_eq!(times_tier(i128::MAX / 2, 1, 1_000_000), None);
+        assert_eq!(times_tier(7, 2, 15_000), Some(5));
     }
 }

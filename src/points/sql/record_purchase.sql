@@ -9,6 +9,16 @@
 -- never), $20 extends (the program counts months without a purchase: every open lot now
 -- expires no sooner than $18).
 --
+-- The customer's standing (issue 10, computed in Rust from the checkout context:
+-- status::standing::evaluate): $21 the account version the context read (the statement
+-- writes only if it is still that one, so the standing was computed from the account as it
+-- is), $22 status, $23 status_since, $24 regular_since, $25 tier_id, $26 tier_since,
+-- $27 tier_below_since, $28 review_at, $29 standing (what reads show), $30 the status change
+-- (a JSON object of from, to, direction, trigger, reason; NULL or JSON null: none), $31 the
+-- tier change (the same with from, to, change, trigger, reason), $32 the instant of the
+-- changes (the clock's now). The history rows and events of a change are the CTEs
+-- status_history, status_event, tier_history and tier_event, written only with a change.
+--
 -- The purchase's points become a lot. Points that go straight to available repay a return's
 -- debt first: the lot keeps only what is left after it (greatest(0, least(points,
 -- available after))). The statement also returns the account's next expiry, computed from
@@ -17,8 +27,9 @@
 -- Its purchase_recorded event (the outbox, `events`) is one more insert of this statement, with
 -- the account as the purchase left it: written exactly when the purchase is.
 --
--- Returns the account after the purchase, or no row when the purchase_id is already taken
--- (or the program's currency is no longer the purchase's).
+-- Returns the account after the purchase, or no row when the purchase_id is already taken,
+-- the account's version is no longer $21 (a concurrent write to this customer: the caller
+-- reads again) or the program's currency is no longer the purchase's.
 -- Two concurrent first attempts both pass the NOT EXISTS; the second then fails on the
 -- purchases primary key (SQLSTATE 23505) and the whole statement, account update included,
 -- is rolled back. The unique key, not the check, is what guarantees "earns at most once": the
@@ -47,13 +58,23 @@ WITH program AS (
            purchase_count   = purchase_count + 1,
            last_purchase_at = GREATEST(last_purchase_at, $5),
            version          = version + 1,
-           updated_at       = now()
+           updated_at       = now(),
+           status           = $22,
+           status_since     = $23,
+           regular_since    = $24,
+           tier_id          = $25,
+           tier_since       = $26,
+           tier_below_since = $27,
+           review_at        = $28,
+           standing         = $29
      WHERE merchant_id = $1
        AND customer_id = $2
+       AND version = $21
        AND NOT EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1 AND purchase_id = $3)
        AND (EXISTS (SELECT 1 FROM program WHERE currency = $6)
             OR EXISTS (SELECT 1 FROM purchases WHERE merchant_id = $1))
- RETURNING available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version
+ RETURNING available, pending, lifetime_earned, lifetime_redeemed, purchase_count, version,
+           standing
 ), lot AS (
     INSERT INTO point_lots (merchant_id, customer_id, source_kind, source_reference, points,
                             remaining, earned_at, available_at, matured, expires_at)
@@ -97,6 +118,37 @@ WITH program AS (
      WHERE $20 AND merchant_id = $1 AND customer_id = $2 AND remaining > 0
        AND expires_at IS NOT NULL
        AND EXISTS (SELECT 1 FROM account)
+), status_history AS (
+    -- A change of the repeat status is kept with its reason ...
+    INSERT INTO customer_status_history (merchant_id, customer_id, from_status, to_status,
+                                         direction, trigger, reason, at)
+    SELECT $1, $2, $30::jsonb ->> 'from', $30::jsonb ->> 'to', $30::jsonb ->> 'direction',
+           $30::jsonb ->> 'trigger', $30::jsonb -> 'reason', $32
+      FROM account
+     WHERE jsonb_typeof($30::jsonb) = 'object'
+), status_event AS (
+    -- ... and told with the balance after it.
+    INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available, pending,
+                        lifetime_earned, lifetime_redeemed, version, details)
+    SELECT $1, $2, 'status_changed', $32, available, pending, lifetime_earned,
+           lifetime_redeemed, version, $30::jsonb
+      FROM account
+     WHERE jsonb_typeof($30::jsonb) = 'object'
+), tier_history AS (
+    -- The same for a change of tier (a purchase only ever upgrades).
+    INSERT INTO customer_tier_history (merchant_id, customer_id, from_tier, to_tier, change,
+                                       trigger, reason, at)
+    SELECT $1, $2, $31::jsonb ->> 'from', $31::jsonb ->> 'to', $31::jsonb ->> 'change',
+           $31::jsonb ->> 'trigger', $31::jsonb -> 'reason', $32
+      FROM account
+     WHERE jsonb_typeof($31::jsonb) = 'object'
+), tier_event AS (
+    INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available, pending,
+                        lifetime_earned, lifetime_redeemed, version, details)
+    SELECT $1, $2, 'tier_changed', $32, available, pending, lifetime_earned,
+           lifetime_redeemed, version, $31::jsonb
+      FROM account
+     WHERE jsonb_typeof($31::jsonb) = 'object'
 ), next_expiry AS (
     SELECT e.expires_at, sum(e.remaining)::bigint AS points
       FROM (SELECT CASE WHEN $20 THEN greatest(l.expires_at, $18) ELSE l.expires_at END
@@ -114,6 +166,6 @@ WITH program AS (
      LIMIT 1
 )
 SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
-       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at
+       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at, a.standing
   FROM account a
   LEFT JOIN next_expiry n ON true

@@ -19,7 +19,7 @@ WITH account AS (
        AND customer_id = $2
        AND (NOT $8 OR available + $3 >= 0)
  RETURNING merchant_id, customer_id, available, pending, lifetime_earned, lifetime_redeemed,
-           purchase_count, version
+           purchase_count, version, standing
 ), event AS (
     INSERT INTO events (merchant_id, customer_id, kind, available, pending, lifetime_earned,
                         lifetime_redeemed, version, details)
@@ -28,6 +28,6 @@ WITH account AS (
       FROM account
 )
 SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
-       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at
+       a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at, a.standing
   FROM account a
   LEFT JOIN LATERAL next_expiry(a.merchant_id, a.customer_id) n ON true

@@ -84,7 +84,8 @@ async fn stale_entries(
     let mut stale = Vec::new();
     for (customer, state) in committed {
         let key = cluster.cache_key(redis, customer).await;
-        let fields: HashMap<String, i64> =
+        // The numbers of the entry; the standing ('st', JSON) is not a balance figure.
+        let fields: HashMap<String, String> =
             match redis::cmd("HGETALL").arg(key).query_async(redis).await {
                 Ok(fields) => fields,
                 Err(e) => {
@@ -92,6 +93,18 @@ async fn stale_entries(
                     continue;
                 }
             };
+        let fields: HashMap<String, i64> = match fields
+            .into_iter()
+            .filter(|(name, _)| name != "st")
+            .map(|(name, value)| value.parse::<i64>().map(|v| (name, v)))
+            .collect()
+        {
+            Ok(fields) => fields,
+            Err(e) => {
+                stale.push(format!("{customer}: cache unreadable: {e}"));
+                continue;
+            }
+        };
         if fields.is_empty() {
             continue;
         }
