@@ -44,10 +44,16 @@ const MAX_SUSPECTS: usize = 100_000;
 /// Failures in a row that open the breaker.
 const TRIP_AFTER_FAILURES: u32 = 3;
 
+// A copy of the same version is replaced only to add the standing it lacks (a copy written
+// without one: before standings existed, or for a customer not assessed yet). Otherwise such
+// a customer's every read would find it, refuse it and go to Postgres until their next write.
 const STORE_IF_NEWER: &str = r"
 local current = redis.call('HGET', KEYS[1], 'v')
 if current and tonumber(current) >= tonumber(ARGV[1]) then
-  return 0
+  local cached = redis.call('HGET', KEYS[1], 'st')
+  if tonumber(current) > tonumber(ARGV[1]) or ARGV[10] == '' or (cached and cached ~= '') then
+    return 0
+  end
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'a', ARGV[2], 'p', ARGV[3], 'le', ARGV[4],
            'lr', ARGV[5], 'pc', ARGV[6], 'xp', ARGV[8], 'xa', ARGV[9], 'st', ARGV[10])

@@ -81,6 +81,76 @@ async fn a_warm_balance_read_needs_no_database() {
     app.stop().await;
 }
 
+/// A copy cached without the standing (written before standings existed, or by a writer
+/// that had none) is completed by the next read from Postgres: the reads after it need no
+/// database, instead of each finding the copy, refusing it and reading Postgres again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cached_without_a_standing_is_completed_once_then_served() {
+    let db_proxy = Proxy::start(common::socket_addr_of(&common::admin_database_url())).await;
+    let app = TestApp::spawn_with(Options {
+        database_via: Some(db_proxy.addr),
+        key_cache_ttl: Duration::from_secs(30),
+        ..Options::default()
+    })
+    .await;
+    let merchant = app.merchant().await;
+    let pos = app.key(&merchant, Scope::Pos).await;
+    let recorded = app
+        .checkout(&pos)
+        .await
+        .record_purchase(purchase("card-1", "r-1", 4200))
+        .await
+        .unwrap()
+        .into_inner();
+    let committed = recorded.balance.unwrap();
+    // What an older server left in Redis: the same version, no standing.
+    let old_copy = AccountState {
+        available: committed.available,
+        pending: committed.pending,
+        lifetime_earned: committed.lifetime_earned,
+        lifetime_redeemed: committed.lifetime_redeemed,
+        purchase_count: recorded.purchase_count,
+        version: committed.version,
+        next_expiry: None,
+        standing: None,
+    };
+    let mut raw = raw_redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{}*card-1*", merchant.id.0))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for key in &keys {
+        let _: () = redis::cmd("HDEL")
+            .arg(key)
+            .arg("st")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    assert!(!keys.is_empty(), "the purchase cached its account");
+    assert!(matches!(
+        app.cache.get(merchant.id, "card-1").await,
+        CacheRead::Miss
+    ));
+    // A writer without a standing cannot complete it either (nothing to add).
+    app.cache.put(merchant.id, "card-1", &old_copy).await;
+
+    let mut member = app.member(&pos).await;
+    let first = balance(&mut member, "card-1", 0).await;
+    assert!(first.standing.is_some());
+    db_proxy.cut().await;
+    let hits = app.metrics.cache_op_count("get", "hit");
+    for _ in 0..3 {
+        let read = balance(&mut member, "card-1", 0).await;
+        assert_eq!(read.balance.unwrap(), committed);
+        assert_eq!(read.standing, first.standing);
+    }
+    assert_eq!(app.metrics.cache_op_count("get", "hit"), hits + 3);
+    db_proxy.restore();
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_cache_write_never_overwrites_a_newer_one() {
     let app = TestApp::spawn().await;

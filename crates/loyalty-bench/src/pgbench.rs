@@ -94,14 +94,15 @@ const RECORD_PARAMS: [&str; 32] = [
     "expires",
     "extends",
     "account_version",
-    "status",
-    "status_since",
-    "regular_since",
-    "tier_id",
-    "tier_since",
-    "tier_below_since",
-    "review_at",
-    "standing",
+    // Named apart from the context's columns of the same meaning, which its \gset sets.
+    "new_status",
+    "new_status_since",
+    "new_regular_since",
+    "new_tier_id",
+    "new_tier_since",
+    "new_tier_below_since",
+    "new_review_at",
+    "new_standing",
     "status_change",
     "tier_change",
     "at",
@@ -383,14 +384,14 @@ fn defines(merchant: MerchantId, customers: u64) -> Vec<(&'static str, String)> 
         // program with tiers, whose purchase changes neither status nor tier (the common case:
         // a change adds two history rows and two events).
         ("now", occurred_at.clone()),
-        ("status", "regular".into()),
-        ("status_since", occurred_at.clone()),
-        ("regular_since", occurred_at.clone()),
-        ("tier_id", "silver".into()),
-        ("tier_since", occurred_at.clone()),
-        ("tier_below_since", occurred_at.clone()),
-        ("review_at", occurred_at.clone()),
-        ("standing", bench_standing(&occurred_at)),
+        ("new_status", "regular".into()),
+        ("new_status_since", occurred_at.clone()),
+        ("new_regular_since", occurred_at.clone()),
+        ("new_tier_id", "silver".into()),
+        ("new_tier_since", occurred_at.clone()),
+        ("new_tier_below_since", occurred_at.clone()),
+        ("new_review_at", occurred_at.clone()),
+        ("new_standing", bench_standing(&occurred_at)),
         ("status_change", "null".into()),
         ("tier_change", "null".into()),
         ("at", occurred_at.clone()),
@@ -1008,6 +1009,29 @@ mod tests {
         // The hold outlives the run by the default ttl: the sweep never releases it midway.
         let expires_at = chrono::DateTime::parse_from_rfc3339(&value("expires_at")).unwrap();
         assert!(expires_at > chrono::Utc::now() + chrono::Duration::minutes(15));
+    }
+
+    /// The context query's `\gset` sets a variable per column it selects: a parameter of the
+    /// record statement with such a name would be overwritten by the customer's stored value
+    /// (NULL for a bench customer never assessed: "" and a cast error), not the one defined.
+    #[test]
+    fn no_record_parameter_is_overwritten_by_the_context() {
+        let context = strip_comments(CHECKOUT_CONTEXT);
+        let select = &context[..context.find("FROM programs").expect("the context's FROM")];
+        let columns: Vec<String> = select
+            .split(',')
+            .filter_map(|item| item.split_whitespace().last())
+            .map(|name| name.rsplit('.').next().unwrap_or(name).to_string())
+            .collect();
+        for name in RECORD_PARAMS {
+            if ["customer_id", "account_version"].contains(&name) {
+                continue; // taken from the context on purpose
+            }
+            assert!(
+                !columns.iter().any(|c| c == name),
+                "{name} is also a column of the context's \\gset"
+            );
+        }
     }
 
     #[test]
