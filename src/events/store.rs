@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection};
 
 use crate::error::Error;
-use crate::events::rules::EventKind;
+use crate::events::rules::{EventKind, NewEvent};
 use crate::platform::account::AccountState;
 use crate::platform::caller::MerchantId;
 use crate::platform::store::db_error;
@@ -93,6 +93,38 @@ impl EventRow {
 }
 
 /// Whether any committed event waits for a position (the sequencer's cheap check before it
+/// Appends one event to the outbox in the caller's transaction, with the customer's balance
+/// right after the change: for a write that runs as a transaction of several statements (a
+/// single-statement write inserts its event in a CTE of its own, e.g. record_purchase.sql).
+pub async fn append(
+    conn: &mut PgConnection,
+    merchant: MerchantId,
+    customer_id: i64,
+    event: &NewEvent,
+    occurred_at: DateTime<Utc>,
+    state: &AccountState,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available, pending,
+                             lifetime_earned, lifetime_redeemed, version, details)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(merchant.0)
+    .bind(customer_id)
+    .bind(event.kind.as_str())
+    .bind(occurred_at)
+    .bind(state.available)
+    .bind(state.pending)
+    .bind(state.lifetime_earned)
+    .bind(state.lifetime_redeemed)
+    .bind(state.version)
+    .bind(sqlx::types::Json(&event.details))
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// takes its lock).
 pub async fn unsequenced_exist(conn: &mut PgConnection) -> Result<bool, Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE position IS NULL)")

@@ -13,7 +13,6 @@ use sqlx::types::Json;
 
 use crate::error::Error;
 use crate::greetings::rules::{GreetingStatus, LeaseState, OccasionProgram, Outcome};
-use crate::platform::account::AccountState;
 use crate::platform::caller::MerchantId;
 use crate::platform::store::db_error;
 use crate::programs::lifecycle::Lifecycle;
@@ -191,38 +190,6 @@ pub async fn set_reward(
     .bind(id)
     .bind(gift_reference)
     .bind(bonus_points)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
-    Ok(())
-}
-
-/// Writes an event to the outbox (`events`), in the caller's transaction, with the
-/// customer's balance right after the change. `details` must hold no contact data.
-pub async fn insert_event(
-    conn: &mut PgConnection,
-    merchant: MerchantId,
-    customer_id: i64,
-    kind: &str,
-    occurred_at: DateTime<Utc>,
-    state: &AccountState,
-    details: serde_json::Value,
-) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available, pending,
-                             lifetime_earned, lifetime_redeemed, version, details)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(merchant.0)
-    .bind(customer_id)
-    .bind(kind)
-    .bind(occurred_at)
-    .bind(state.available)
-    .bind(state.pending)
-    .bind(state.lifetime_earned)
-    .bind(state.lifetime_redeemed)
-    .bind(state.version)
-    .bind(Json(details))
     .execute(conn)
     .await
     .map_err(db_error)?;

@@ -4,6 +4,10 @@ use chrono::{DateTime, Datelike, Utc};
 use chrono_tz::Tz;
 
 use crate::error::Error;
+use crate::events::{
+    self,
+    rules::{EventKind, NewEvent},
+};
 use crate::gifts::rules::GrantSource;
 use crate::gifts::store::{GrantRequest, Granted};
 use crate::greetings::Greetings;
@@ -407,14 +411,9 @@ impl Greetings {
                     state
                 }
             };
-            store::insert_event(
-                &mut tx,
-                m,
-                c.id,
-                "greeting_due",
-                now,
-                &state,
-                serde_json::json!({
+            let event = NewEvent {
+                kind: EventKind::GreetingDue,
+                details: serde_json::json!({
                     "greeting_id": greeting_id,
                     "occasion": key.occasion,
                     "kind": occurrence.occasion.kind().as_str(),
@@ -424,8 +423,8 @@ impl Greetings {
                     "gift_id": gift_id,
                     "bonus_points": bonus,
                 }),
-            )
-            .await?;
+            };
+            events::store::append(&mut tx, m, c.id, &event, now, &state).await?;
         }
         commit(tx).await?;
         if let Some(state) = credited {
