@@ -703,3 +703,65 @@ async fn a_tier_up_gift_is_granted_once_by_the_purchase_that_reaches_the_tier() 
     );
     f.app.stop().await;
 }
+
+/// Checkout reads a customer's standing facts from the index alone: every column of the
+/// facts is in `purchases_customer_facts_idx`, so a regular's purchases cost an index page or
+/// two rather than a heap page each. A column added to the read but not to the index makes
+/// this an Index Scan, and this test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_checkout_context_reads_the_purchases_from_the_index_only() {
+    let f = fixture(Some(tiers())).await;
+    for i in 0..5 {
+        f.buy("card-1", &format!("p-{i}"), 2_000).await;
+    }
+    sqlx::query("VACUUM (ANALYZE) purchases")
+        .execute(&f.app.pool)
+        .await
+        .unwrap();
+    let mut tx = f.app.pool.begin().await.unwrap();
+    // The test's table is tiny: a sequential scan would win on cost alone.
+    for setting in ["enable_seqscan", "enable_bitmapscan"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL {setting} = off")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    let explain = format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        loyalty::points::sql::CHECKOUT_CONTEXT
+    );
+    let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .bind(f.merchant)
+        .bind("card-1")
+        .bind(chrono::Utc::now())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let mut purchase_scans = Vec::new();
+    let mut stack = vec![&plan];
+    while let Some(node) = stack.pop() {
+        match node {
+            serde_json::Value::Array(items) => stack.extend(items),
+            serde_json::Value::Object(fields) => {
+                if fields.get("Relation Name").and_then(|r| r.as_str()) == Some("purchases") {
+                    purchase_scans.push((
+                        fields["Node Type"].as_str().unwrap().to_string(),
+                        fields
+                            .get("Index Name")
+                            .and_then(|i| i.as_str())
+                            .map(String::from),
+                    ));
+                }
+                stack.extend(fields.values());
+            }
+            _ => {}
+        }
+    }
+    assert!(!purchase_scans.is_empty(), "no read of purchases in {plan}");
+    for (node, index) in &purchase_scans {
+        assert_eq!(node, "Index Only Scan", "{purchase_scans:?}");
+        assert_eq!(index.as_deref(), Some("purchases_customer_facts_idx"));
+    }
+    tx.rollback().await.unwrap();
+    f.app.stop().await;
+}
