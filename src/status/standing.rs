@@ -24,7 +24,7 @@
 //!   the instants the sweep looks again at, so a hint whose oldest purchase left the window is
 //!   refreshed by the sweep (until then a read says "before <deadline>").
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -273,10 +273,14 @@ pub fn evaluate(
     trigger: Trigger,
     now: DateTime<Utc>,
 ) -> Evaluation {
+    // Instants at the database's precision (microseconds): what this writes into the
+    // standing's JSON must equal what the columns give back to the next assessment, or a sweep
+    // that changes nothing would see "status_since changed" and write a new version.
+    let now = now.trunc_subsecs(6);
     let mut facts_now = facts.clone();
     if let Some(purchase) = adding {
         facts_now.purchases.push(PurchaseFact {
-            at: purchase.at.min(now),
+            at: purchase.at.trunc_subsecs(6).min(now),
             ..purchase
         });
     }
@@ -429,6 +433,38 @@ mod tests {
             facts.tier_warned_for = Some(w.below_since);
         }
         facts
+    }
+
+    /// A clock with nanoseconds: what the standing shows is at the columns' microseconds, so
+    /// a sweep reading the stored facts back finds nothing changed.
+    #[test]
+    fn instants_are_kept_at_the_databases_microseconds() {
+        let program = program();
+        let now = day(10) + TimeDelta::nanoseconds(123_456_789);
+        let facts = stored(
+            Facts::new_customer(t0()),
+            &evaluate(
+                &program,
+                &Facts::new_customer(t0()),
+                Some(buy(t0(), 1_000)),
+                Trigger::Purchase,
+                t0(),
+            ),
+            Some(buy(t0(), 1_000)),
+        );
+        let second = evaluate(
+            &program,
+            &facts,
+            Some(buy(now, 1_000)),
+            Trigger::Purchase,
+            now,
+        );
+        let micros = day(10) + TimeDelta::microseconds(123_456);
+        assert_eq!(second.status_since, Some(micros));
+        assert_eq!(second.standing.as_of, micros);
+        let facts = stored(facts, &second, Some(buy(micros, 1_000)));
+        let look = evaluate(&program, &facts, None, Trigger::Sweep, day(11));
+        assert!(!look.differs_from(&facts, Some(&second.standing)));
     }
 
     #[test]

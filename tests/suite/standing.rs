@@ -765,3 +765,71 @@ async fn the_checkout_context_reads_the_purchases_from_the_index_only() {
     tx.rollback().await.unwrap();
     f.app.stop().await;
 }
+
+/// A purchase moves the sweep's next look only earlier (so that the accounts update stays
+/// HOT): a later one is left for the sweep, whose early look changes nothing a read shows,
+/// keeps the version, and sets the exact next look; the time-driven change still comes on
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purchase_only_moves_the_next_look_earlier_and_an_early_look_changes_nothing() {
+    let f = fixture(None).await;
+    let review_at = || async {
+        let at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT a.review_at FROM accounts a
+               JOIN customers c ON c.merchant_id = a.merchant_id AND c.id = a.customer_id
+              WHERE a.merchant_id = $1 AND c.external_id = $2",
+        )
+        .bind(f.merchant)
+        .bind("card-1")
+        .fetch_one(&f.app.pool)
+        .await
+        .unwrap();
+        at.expect("a customer with purchases has a next look")
+    };
+    f.buy("card-1", "a", 1_000).await;
+    let first = review_at().await;
+    // Ten days later the second purchase's own next look lies beyond the first one's.
+    f.clock.advance(10 * DAY);
+    f.buy("card-1", "b", 1_000).await;
+    assert_eq!(review_at().await, first, "the look moved later");
+    let before = f.standing("card-1").await;
+    let version = || async {
+        f.app
+            .member(&f.pos)
+            .await
+            .get_balance(pb::GetBalanceRequest {
+                external_id: "card-1".into(),
+                min_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+            .unwrap()
+            .version
+    };
+    let version_before = version().await;
+
+    // The early look: nothing shown changes, the version stays, the look moves on.
+    let now = f.clock.now();
+    f.clock
+        .advance((first - now).to_std().unwrap() + Duration::from_secs(1));
+    let report = f.app.points.standing_sweep(100).await.unwrap();
+    assert_eq!((report.looked_at, report.status_changes), (1, 0));
+    assert_eq!(version().await, version_before);
+    assert_eq!(status(&f.standing("card-1").await), status(&before));
+    let next = review_at().await;
+    assert!(next > f.clock.now(), "next look {next} not ahead");
+    // Nothing more until then; then the quiet customer's change comes.
+    assert_eq!(f.app.points.standing_sweep(100).await.unwrap().looked_at, 0);
+    let now = f.clock.now();
+    f.clock
+        .advance((next - now).to_std().unwrap() + Duration::from_secs(1));
+    let report = f.app.points.standing_sweep(100).await.unwrap();
+    assert_eq!(report.looked_at, 1);
+    assert_eq!(
+        status(&f.standing("card-1").await),
+        pb::RepeatStatus::AtRisk
+    );
+    f.app.stop().await;
+}

@@ -13,11 +13,19 @@
 -- status::standing::evaluate): $21 the account version the context read (the statement
 -- writes only if it is still that one, so the standing was computed from the account as it
 -- is), $22 status, $23 status_since, $24 regular_since, $25 tier_id, $26 tier_since,
--- $27 tier_below_since, $28 review_at, $29 standing (what reads show), $30 the status change
--- (a JSON object of from, to, direction, trigger, reason; NULL or JSON null: none), $31 the
--- tier change (the same with from, to, change, trigger, reason), $32 the instant of the
--- changes (the clock's now). The history rows and events of a change are the CTEs
--- status_history, status_event, tier_history and tier_event, written only with a change.
+-- $27 tier_below_since, $28 review_at (only ever moved earlier here, see below), $29 standing
+-- (what reads show), $30 the status change (a JSON object of from, to, direction, trigger,
+-- reason; NULL or JSON null: none), $31 the tier change (the same with from, to, change,
+-- trigger, reason), $32 the instant of the changes (the clock's now). The history rows and
+-- events of a change are the CTEs status_history, status_event, tier_history and tier_event,
+-- written only with a change.
+--
+-- The sweep's next look (review_at) is only moved earlier by a purchase, never later: it is
+-- the accounts' only indexed column that a purchase would change, and an update that changes
+-- no indexed column can be HOT (no new index entries, a fraction of the WAL). A look that
+-- comes too early is harmless: the sweep evaluates, finds nothing shown changed and sets the
+-- exact next look (status::use_cases::sweep_standing); a look never comes too late, since the
+-- stored one is at or before the one this purchase computed.
 --
 -- The purchase's points become a lot. Points that go straight to available repay a return's
 -- debt first: the lot keeps only what is left after it (greatest(0, least(points,
@@ -65,7 +73,8 @@ WITH program AS (
            tier_id          = $25,
            tier_since       = $26,
            tier_below_since = $27,
-           review_at        = $28,
+           review_at        = CASE WHEN review_at IS NULL OR $28 < review_at THEN $28
+                                   ELSE review_at END,
            standing         = $29
      WHERE merchant_id = $1
        AND customer_id = $2
