@@ -156,6 +156,7 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start server");
+    let output = common::DrainedOutput::of(&mut server);
 
     let endpoint = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
@@ -277,8 +278,8 @@ async fn a_served_process_logs_no_secrets_and_stops_on_sigterm() {
         !health.status.success(),
         "a stopped server must not report healthy"
     );
-    let output = server.wait_with_output().unwrap();
-    let logs = String::from_utf8_lossy(&output.stderr);
+    let (_, stderr) = output.finish();
+    let logs = String::from_utf8_lossy(&stderr);
     assert!(logs.contains("serving gRPC"), "{logs}");
     assert!(logs.contains("SIGTERM received"), "{logs}");
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {

@@ -1579,6 +1579,7 @@ async fn a_served_process_never_logs_a_gift_code() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start server");
+    let output = common::DrainedOutput::of(&mut server);
     let endpoint = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     let channel = loop {
@@ -1664,8 +1665,8 @@ async fn a_served_process_never_logs_a_gift_code() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let output = server.wait_with_output().unwrap();
-    let logs = String::from_utf8_lossy(&output.stderr);
+    let (_, stderr) = output.finish();
+    let logs = String::from_utf8_lossy(&stderr);
     assert!(logs.contains("gift redeemed"), "the flow ran: {logs}");
     let stored = code.replace('-', "");
     let prefix = stored[..8].to_string();

@@ -135,7 +135,7 @@ impl Fixture {
             .into_inner()
     }
 
-    async fn standing(&self, external_id: &str) -> pb::CustomerStanding {
+    async fn balance(&self, external_id: &str) -> pb::GetBalanceResponse {
         self.app
             .member(&self.pos)
             .await
@@ -146,6 +146,11 @@ impl Fixture {
             .await
             .unwrap()
             .into_inner()
+    }
+
+    async fn standing(&self, external_id: &str) -> pb::CustomerStanding {
+        self.balance(external_id)
+            .await
             .standing
             .expect("GetBalance shows the standing")
     }
@@ -793,21 +798,7 @@ async fn a_purchase_only_moves_the_next_look_earlier_and_an_early_look_changes_n
     f.buy("card-1", "b", 1_000).await;
     assert_eq!(review_at().await, first, "the look moved later");
     let before = f.standing("card-1").await;
-    let version = || async {
-        f.app
-            .member(&f.pos)
-            .await
-            .get_balance(pb::GetBalanceRequest {
-                external_id: "card-1".into(),
-                min_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .balance
-            .unwrap()
-            .version
-    };
+    let version = || async { f.balance("card-1").await.balance.unwrap().version };
     let version_before = version().await;
 
     // The early look: nothing shown changes, the version stays, the look moves on.

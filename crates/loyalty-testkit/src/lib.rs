@@ -420,6 +420,42 @@ pub fn init_test_tracing() {
         .try_init();
 }
 
+/// A child process's piped stdout and stderr, read to the end on threads of their own while
+/// it runs. A child whose output nobody reads blocks on its next write once a pipe buffer
+/// (64 KiB) is full: a server logging at trace level gets there within seconds, and then
+/// cannot even finish its shutdown after SIGTERM.
+pub struct DrainedOutput {
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl DrainedOutput {
+    /// Starts reading; the child must have been spawned with both piped.
+    pub fn of(child: &mut std::process::Child) -> DrainedOutput {
+        fn read_all(
+            mut pipe: impl std::io::Read + Send + 'static,
+        ) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let _ = pipe.read_to_end(&mut all);
+                all
+            })
+        }
+        DrainedOutput {
+            stdout: read_all(child.stdout.take().expect("stdout is piped")),
+            stderr: read_all(child.stderr.take().expect("stderr is piped")),
+        }
+    }
+
+    /// Everything the child wrote, (stdout, stderr); returns once it closed both (exited).
+    pub fn finish(self) -> (Vec<u8>, Vec<u8>) {
+        (
+            self.stdout.join().expect("stdout reader"),
+            self.stderr.join().expect("stderr reader"),
+        )
+    }
+}
+
 /// The `loyalty` binary of this build: `LOYALTY_BIN` when set, else the one cargo built next to
 /// the running test (`target/<profile>/loyalty`, the test itself being in `deps/`).
 pub fn loyalty_binary() -> std::path::PathBuf {
