@@ -280,22 +280,25 @@ impl Application {
             },
         ));
         background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
-        background.extend(hub.start(parts.store.clone(), stop_rx.clone()));
-        let events = Events::new(&parts, &hub, &config.events);
-        background.push(jobs::event_sequencer(
-            events.clone(),
-            config.events.poll_interval,
-            stop_rx.clone(),
-        ));
-        if let Some(interval) = config.events.prune_interval {
-            background.push(jobs::event_pruning(
+        // With the outbox off nothing is written for the stream's jobs to work on.
+        if config.events.outbox {
+            background.extend(hub.start(parts.store.clone(), stop_rx.clone()));
+            let events = Events::new(&parts, &hub, &config.events);
+            background.push(jobs::event_sequencer(
                 events.clone(),
-                interval,
+                config.events.poll_interval,
                 stop_rx.clone(),
             ));
-        }
-        if let Some(interval) = config.events.warning_interval {
-            background.push(jobs::expiry_warnings(events, interval, stop_rx.clone()));
+            if let Some(interval) = config.events.prune_interval {
+                background.push(jobs::event_pruning(
+                    events.clone(),
+                    interval,
+                    stop_rx.clone(),
+                ));
+            }
+            if let Some(interval) = config.events.warning_interval {
+                background.push(jobs::expiry_warnings(events, interval, stop_rx.clone()));
+            }
         }
         if let Some(interval) = config.sweep_interval {
             let points = crate::points::Points::new(&parts, &program_cache);
@@ -510,6 +513,7 @@ mod tests {
             max_connections: 1,
             acquire_timeout: Duration::from_millis(10),
             statement_timeout: Duration::from_millis(10),
+            outbox: true,
         })
         .unwrap();
         let parts = Parts {

@@ -187,6 +187,7 @@ impl DatabaseArgs {
                 1,
                 3_600_000,
             )?,
+            outbox: true,
         })
     }
 }
@@ -338,6 +339,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LOYALTY_EVENT_POLL_MS", default_value_t = 20)]
     pub event_poll_ms: u64,
 
+    /// `off`: nothing is written to the event outbox, and WatchEvents answers
+    /// FAILED_PRECONDITION. For a deployment that nobody follows: it saves the event rows,
+    /// their index entries and the sequencer's work on every write. Every replica of a
+    /// deployment needs the same value; events written while it was off do not exist.
+    #[arg(long, env = "LOYALTY_EVENTS_OUTBOX", default_value = "on", value_parser = ["on", "off"])]
+    pub events_outbox: String,
+
     /// How long events are kept for WatchEvents; a cursor of events pruned since is
     /// OUT_OF_RANGE.
     #[arg(long, env = "LOYALTY_EVENT_RETENTION_HOURS", default_value_t = 168)]
@@ -484,7 +492,10 @@ impl ServeArgs {
             listen: self.listen,
             tls: self.tls()?,
             metrics_listen,
-            database: self.database.config()?,
+            database: DatabaseConfig {
+                outbox: self.events_outbox == "on",
+                ..self.database.config()?
+            },
             cache: CacheConfig {
                 url: Some(self.redis_url.clone()).filter(|u| !u.trim().is_empty()),
                 ca_cert_pem: self.redis_ca()?,
@@ -580,6 +591,7 @@ impl ServeArgs {
                 ms => Some(millis("LOYALTY_SWEEP_INTERVAL_MS", ms, 10, 3_600_000)?),
             },
             events: EventsConfig {
+                outbox: self.events_outbox == "on",
                 poll_interval: millis("LOYALTY_EVENT_POLL_MS", self.event_poll_ms, 1, 10_000)?,
                 retention: secs(
                     "LOYALTY_EVENT_RETENTION_HOURS",

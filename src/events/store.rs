@@ -19,6 +19,12 @@ const WATCH_PAGE: &str = include_str!("sql/watch_page.sql");
 const FOLLOWING: &str = include_str!("sql/following.sql");
 const PRUNE: &str = include_str!("sql/prune.sql");
 const WARN_EXPIRING: &str = include_str!("sql/warn_expiring.sql");
+/// One event; written only while the outbox is on (`outbox_on()`, as every insert into
+/// `events` is: see the test below).
+const APPEND: &str = "INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available,
+                                          pending, lifetime_earned, lifetime_redeemed, version,
+                                          details)
+                      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE outbox_on()";
 
 /// The advisory lock of the sequencer (one at a time across every replica of a database).
 pub const SEQUENCER_LOCK: i64 = 0x6c6f_7961_6c74_7901; // "loyalty" 01
@@ -104,24 +110,20 @@ pub async fn append(
     occurred_at: DateTime<Utc>,
     state: &AccountState,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO events (merchant_id, customer_id, kind, occurred_at, available, pending,
-                             lifetime_earned, lifetime_redeemed, version, details)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(merchant.0)
-    .bind(customer_id)
-    .bind(event.kind.as_str())
-    .bind(occurred_at)
-    .bind(state.available)
-    .bind(state.pending)
-    .bind(state.lifetime_earned)
-    .bind(state.lifetime_redeemed)
-    .bind(state.version)
-    .bind(sqlx::types::Json(&event.details))
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
+    sqlx::query(APPEND)
+        .bind(merchant.0)
+        .bind(customer_id)
+        .bind(event.kind.as_str())
+        .bind(occurred_at)
+        .bind(state.available)
+        .bind(state.pending)
+        .bind(state.lifetime_earned)
+        .bind(state.lifetime_redeemed)
+        .bind(state.version)
+        .bind(sqlx::types::Json(&event.details))
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 
@@ -318,4 +320,51 @@ pub async fn warn_expiring(
         .fetch_one(conn)
         .await
         .map_err(db_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::APPEND;
+
+    /// Every statement that writes the outbox, in a `.sql` file under `src/` or `APPEND`.
+    fn outbox_writes() -> Vec<(String, String)> {
+        fn walk(dir: &Path, found: &mut Vec<(String, String)>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|e| e == "sql") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    // From the insert to the end of its CTE or statement.
+                    for (at, _) in text.match_indices("INSERT INTO events ") {
+                        let rest = &text[at..];
+                        let end = rest.find("\n)").or(rest.find(';')).unwrap_or(rest.len());
+                        found.push((path.display().to_string(), rest[..end].to_string()));
+                    }
+                }
+            }
+        }
+        let mut found = vec![("APPEND".to_string(), APPEND.to_string())];
+        walk(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        found
+    }
+
+    #[test]
+    fn every_insert_into_the_outbox_is_guarded_by_the_outbox_switch() {
+        let writes = outbox_writes();
+        // record_purchase (3), write_account_event, write_standing, grant, redeem, the expiry
+        // warnings and APPEND: a new writer adds to these.
+        assert!(writes.len() >= 9, "found only {writes:?}");
+        for (file, statement) in &writes {
+            assert!(
+                statement.contains("outbox_on()"),
+                "{file}: an insert into events without `outbox_on()`: {statement}"
+            );
+        }
+    }
 }

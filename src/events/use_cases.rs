@@ -33,6 +33,13 @@ impl Events {
     /// position order, so taking from it only what is above the cursor is exactly the rest.
     /// A watcher that lags behind the broadcast subscribes again and replays from its cursor.
     pub async fn watch(&self, caller: &Caller, watch: Watch) -> Result<EventFeed, Error> {
+        if !self.outbox {
+            return Err(Error::FailedPrecondition(
+                "the event stream is off on this deployment (LOYALTY_EVENTS_OUTBOX=off): no \
+                 event is written"
+                    .into(),
+            ));
+        }
         let merchant = caller.merchant;
         let subscription = self.hub.subscribe();
         let mut cursor = match watch.after {

@@ -731,7 +731,12 @@ mod tests {
         ];
         let state = cached_state(fields(&complete)).expect("a complete entry is a hit");
         assert_eq!(
-            (state.version, state.available, state.pending, state.purchase_count),
+            (
+                state.version,
+                state.available,
+                state.pending,
+                state.purchase_count
+            ),
             (7, 120, 30, 2)
         );
         assert_eq!((state.lifetime_earned, state.lifetime_redeemed), (150, 0));
@@ -745,7 +750,10 @@ mod tests {
         for missing in 0..complete.len() {
             let mut entry = complete;
             entry[missing] = None;
-            assert!(cached_state(fields(&entry)).is_none(), "field {missing} missing");
+            assert!(
+                cached_state(fields(&entry)).is_none(),
+                "field {missing} missing"
+            );
         }
         let mut garbled = complete;
         garbled[1] = Some("12x");
@@ -753,7 +761,10 @@ mod tests {
         let mut bad_standing = complete;
         bad_standing[8] = Some("{not json");
         assert!(cached_state(fields(&bad_standing)).is_none());
-        assert!(cached_state(fields(&complete[..8])).is_none(), "too few fields");
+        assert!(
+            cached_state(fields(&complete[..8])).is_none(),
+            "too few fields"
+        );
     }
 
     #[test]

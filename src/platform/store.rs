@@ -34,6 +34,10 @@ pub struct DatabaseConfig {
     pub acquire_timeout: Duration,
     /// Server-side limit for any one statement.
     pub statement_timeout: Duration,
+    /// Whether this process's sessions write the event outbox: `false` opens every session
+    /// with `loyalty.outbox = off`, which the `outbox_on()` guard of every insert into
+    /// `events` reads (migration `20261203100700_outbox_switch`).
+    pub outbox: bool,
 }
 
 /// Whether the URL (or `PGSSLMODE`) says how to use TLS.
@@ -84,12 +88,16 @@ impl Store {
             .url
             .parse::<PgConnectOptions>()
             .map_err(|e| Error::internal(format!("invalid DATABASE_URL: {e}")))?;
-        let options = plaintext_on_loopback(options, &config.url)
+        let mut options = plaintext_on_loopback(options, &config.url)
             .application_name("loyalty")
             .options([(
                 "statement_timeout",
                 config.statement_timeout.as_millis().to_string(),
-            )])
+            )]);
+        if !config.outbox {
+            options = options.options([("loyalty.outbox", "off")]);
+        }
+        let options = options
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
         let health = PgPoolOptions::new()

@@ -888,3 +888,130 @@ async fn a_gift_claimed_with_points_is_issued_with_the_balance_after_its_price()
     quiet(&mut stream, Duration::from_millis(300)).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_outbox_off_no_write_fills_it_and_watch_events_is_refused() {
+    let app = TestApp::spawn_with(Options {
+        events: loyalty::events::EventsConfig {
+            outbox: false,
+            ..loyalty::events::EventsConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (merchant, pos, scheduler) = shop(&app).await;
+    let admin = &merchant.admin_key;
+    let mut checkout = app.checkout(&pos).await;
+    // Two purchases (the second changes the status: NEW to RETURNING), a redemption, a hold
+    // and its commit, a return, a gift issued and redeemed: every writer of the outbox.
+    for id in ["r-1", "r-2"] {
+        checkout
+            .record_purchase(purchase("card-1", id, 10_000))
+            .await
+            .unwrap();
+    }
+    checkout
+        .redeem_points(pb::RedeemPointsRequest {
+            external_id: "card-1".into(),
+            redemption_id: "red-1".into(),
+            points: 30,
+            purchase_id: String::new(),
+        })
+        .await
+        .unwrap();
+    checkout
+        .reserve_points(pb::ReservePointsRequest {
+            external_id: "card-1".into(),
+            reservation_id: "hold-1".into(),
+            points: 20,
+            ttl_seconds: 0,
+            purchase_id: String::new(),
+        })
+        .await
+        .unwrap();
+    checkout
+        .commit_reservation(pb::CommitReservationRequest {
+            reservation_id: "hold-1".into(),
+        })
+        .await
+        .unwrap();
+    checkout
+        .return_purchase(pb::ReturnPurchaseRequest {
+            purchase_id: "r-1".into(),
+            return_id: "ret-1".into(),
+            lines: vec![],
+            amount_minor: 5_000,
+        })
+        .await
+        .unwrap();
+    app.program(admin)
+        .await
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(pb::Gift {
+                gift_id: "free-coffee".into(),
+                name: "Free coffee".into(),
+                kind: pb::GiftKind::Item as i32,
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let grant = app
+        .program(admin)
+        .await
+        .issue_gift(pb::IssueGiftRequest {
+            external_id: "card-1".into(),
+            gift_id: "free-coffee".into(),
+            issue_key: "welcome-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap();
+    checkout
+        .redeem_gift(pb::RedeemGiftRequest {
+            code: grant.code,
+            redemption_key: "gift-red-1".into(),
+            store_id: "store-2".into(),
+        })
+        .await
+        .unwrap();
+
+    // Every write did its work...
+    let balance = app
+        .member(&pos)
+        .await
+        .get_balance(pb::GetBalanceRequest {
+            external_id: "card-1".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(balance.purchase_count, 2);
+    assert_eq!(balance.balance.unwrap().lifetime_redeemed, 50);
+    // ...and wrote no event.
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE merchant_id = $1")
+        .bind(merchant.id.0)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(written, 0);
+    // The switch is this server's sessions' only: another session still writes.
+    let outside: bool = sqlx::query_scalar("SELECT outbox_on()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(outside);
+
+    let refused = try_watch(&app, &scheduler, "", &[]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("LOYALTY_EVENTS_OUTBOX"),
+        "{refused:?}"
+    );
+    app.stop().await;
+}

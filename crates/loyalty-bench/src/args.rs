@@ -68,14 +68,14 @@ pub struct Args {
     #[arg(long, env = "LOYALTY_BENCH_WARMUP_SECONDS", default_value_t = 2)]
     pub warmup_seconds: u64,
 
-    /// Scenarios to run (always in the order health, balance, balance_cold, pgbench, checkout,
-    /// watch, redeem_pgbench, redeem, mixed, so that each ceiling and its scenario meet the
-    /// same database).
+    /// Scenarios to run (always in the order health, balance, balance_cold, pgbench,
+    /// checkout_no_outbox, checkout, watch, redeem_pgbench, redeem, mixed, so that each
+    /// ceiling and its scenario meet the same database).
     #[arg(
         long,
         env = "LOYALTY_BENCH_SCENARIOS",
         value_delimiter = ',',
-        default_value = "health,balance,balance_cold,checkout,watch,mixed,pgbench,redeem,redeem_pgbench"
+        default_value = "health,balance,balance_cold,checkout,checkout_no_outbox,watch,mixed,pgbench,redeem,redeem_pgbench"
     )]
     pub scenarios: Vec<Scenario>,
 
@@ -175,6 +175,11 @@ pub enum Scenario {
     BalanceCold,
     /// RecordPurchase: fresh purchase ids, random customers.
     Checkout,
+    /// `checkout`'s load on a server of its own with the event outbox off
+    /// (`LOYALTY_EVENTS_OUTBOX=off`): what checkout costs without the outbox, same build, same
+    /// database, right before `checkout`.
+    #[value(name = "checkout_no_outbox")]
+    CheckoutNoOutbox,
     /// `checkout`'s load while `--watchers` WatchEvents streams follow the merchant's events:
     /// events delivered per second, the delay from commit to delivery, and every
     /// purchase_recorded event received exactly once by every watcher.
@@ -194,11 +199,12 @@ pub enum Scenario {
 impl Scenario {
     /// Each ceiling right before its scenario (pgbench before checkout, redeem_pgbench before
     /// redeem): the two meet the same database (size, bloat, WAL).
-    pub const RUN_ORDER: [Scenario; 9] = [
+    pub const RUN_ORDER: [Scenario; 10] = [
         Scenario::Health,
         Scenario::Balance,
         Scenario::BalanceCold,
         Scenario::Pgbench,
+        Scenario::CheckoutNoOutbox,
         Scenario::Checkout,
         Scenario::Watch,
         Scenario::RedeemPgbench,
@@ -212,6 +218,7 @@ impl Scenario {
             Scenario::Balance => "balance",
             Scenario::BalanceCold => "balance_cold",
             Scenario::Checkout => "checkout",
+            Scenario::CheckoutNoOutbox => "checkout_no_outbox",
             Scenario::Watch => "watch",
             Scenario::Mixed => "mixed",
             Scenario::Pgbench => "pgbench",

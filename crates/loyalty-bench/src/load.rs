@@ -77,7 +77,9 @@ impl Workload {
             Scenario::Health => Some(Workload::new(&[(Op::Health, 1)])),
             Scenario::Balance | Scenario::BalanceCold => Some(Workload::new(&[(Op::Balance, 1)])),
             // `watch` runs checkout's very load (its watchers are beside it: `watch.rs`).
-            Scenario::Checkout | Scenario::Watch => Some(Workload::new(&[(Op::Checkout, 1)])),
+            Scenario::Checkout | Scenario::CheckoutNoOutbox | Scenario::Watch => {
+                Some(Workload::new(&[(Op::Checkout, 1)]))
+            }
             Scenario::Mixed => Some(Workload::new(MIXED)),
             Scenario::Redeem => Some(Workload::new(&[(Op::Redeem, 1)])),
             Scenario::Pgbench | Scenario::RedeemPgbench => None,

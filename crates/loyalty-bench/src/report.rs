@@ -20,7 +20,8 @@ pub const REDEEM_VS_PGBENCH: f64 = 0.8;
 pub const REDEEM_P99_VS_PGBENCH: f64 = 2.0;
 pub const BIG_VS_SMALL: f64 = 0.8;
 pub const MAX_RSS_MB: f64 = 150.0;
-/// Checkout with the outbox against checkout of a build without it (`--baseline`).
+/// Checkout with the outbox against checkout without it: this run's `checkout_no_outbox`
+/// (the same build with `LOYALTY_EVENTS_OUTBOX=off`), or another build's run (`--baseline`).
 pub const CHECKOUT_VS_BASELINE: f64 = 0.9;
 /// The concurrency the targets are defined at.
 pub const TARGET_CONCURRENCY: u32 = 32;
@@ -492,6 +493,23 @@ pub fn verdict(
                 row.p99_ratio.map(|r| r <= max_p99),
             ));
         }
+        if let (Some(row), Some(without)) = (
+            closed(&of_scale, "checkout"),
+            closed(&of_scale, "checkout_no_outbox"),
+        ) {
+            let r = ratio(Some(row.rps), Some(without.rps)).map(round3);
+            checks.push(check(
+                format!(
+                    "checkout >= {CHECKOUT_VS_BASELINE} x checkout_no_outbox rps @ {n} \
+                     customers{at}"
+                ),
+                match r {
+                    Some(r) => format!("{r:.3} ({:.0} / {:.0} rps)", row.rps, without.rps),
+                    None => "checkout_no_outbox measured 0 rps".into(),
+                },
+                r.map(|r| r >= CHECKOUT_VS_BASELINE),
+            ));
+        }
         if let (Some(row), Some(baseline)) = (closed(&of_scale, "checkout"), baseline) {
             let target = format!(
                 "checkout >= {CHECKOUT_VS_BASELINE} x baseline checkout rps @ {n} customers \
@@ -914,6 +932,36 @@ mod tests {
         assert!(checks.iter().all(|c| !c.target.contains("targets are set")));
         let at_8 = verdict(&rows, &scales, 8, None);
         assert!(at_8[0].target.contains("ran at 8"));
+    }
+
+    #[test]
+    fn checkout_is_judged_against_checkout_without_the_outbox_of_the_same_run() {
+        let with = |without: f64| {
+            let rows = vec![
+                row(Scenario::Checkout, Mode::Closed, 10, 900.0, 1.0),
+                row(Scenario::CheckoutNoOutbox, Mode::Closed, 10, without, 1.0),
+            ];
+            verdict(&rows, &[], 32, None)
+                .into_iter()
+                .find(|c| {
+                    c.target
+                        .starts_with("checkout >= 0.9 x checkout_no_outbox rps @ 10")
+                })
+                .map(|c| (c.pass, c.measured))
+        };
+        assert_eq!(
+            with(1_000.0),
+            Some((Some(true), "0.900 (900 / 1000 rps)".into()))
+        );
+        assert_eq!(with(1_001.0).unwrap().0, Some(false));
+        assert_eq!(with(0.0).unwrap().0, None, "nothing to compare with");
+        let alone = vec![row(Scenario::Checkout, Mode::Closed, 10, 900.0, 1.0)];
+        assert!(
+            verdict(&alone, &[], 32, None)
+                .iter()
+                .all(|c| !c.target.contains("checkout_no_outbox")),
+            "no verdict without the scenario"
+        );
     }
 
     #[test]

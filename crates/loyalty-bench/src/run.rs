@@ -301,6 +301,7 @@ impl Bench {
                 Scenario::Health
                     | Scenario::Balance
                     | Scenario::Checkout
+                    | Scenario::CheckoutNoOutbox
                     | Scenario::Watch
                     | Scenario::Redeem
                     | Scenario::Mixed
@@ -328,6 +329,24 @@ impl Bench {
                     let measured = self.measure(&server, scenario, merchant, keys, rows).await;
                     server.stop().await;
                     measured?;
+                }
+                Scenario::CheckoutNoOutbox => {
+                    // Its own server with the outbox off, on the same database and Redis,
+                    // stopped right after (the cached server idles meanwhile, as it does
+                    // while `checkout` runs). Vacuumed after, as after a ceiling, so that
+                    // `checkout` meets the same database.
+                    let settings = self.settings()?;
+                    let server = Server::start_with(
+                        &settings,
+                        &format!("no-outbox-{n}"),
+                        self.redis_url(),
+                        &[("LOYALTY_EVENTS_OUTBOX", "off")],
+                    )
+                    .await?;
+                    let measured = self.measure(&server, scenario, merchant, keys, rows).await;
+                    server.stop().await;
+                    measured?;
+                    setup::vacuum(&self.store).await?;
                 }
                 Scenario::Watch => {
                     let server = cached

@@ -70,6 +70,16 @@ impl Server {
         name: &str,
         redis_url: Option<&str>,
     ) -> Result<Server> {
+        Server::start_with(settings, name, redis_url, &[]).await
+    }
+
+    /// As `start`, with `extra` settings of the server's (e.g. `LOYALTY_EVENTS_OUTBOX=off`).
+    pub async fn start_with(
+        settings: &ServerSettings,
+        name: &str,
+        redis_url: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Server> {
         let grpc = free_port()?;
         let metrics = free_port()?;
         let log = settings.log_dir.join(format!("server-{name}.log"));
@@ -107,6 +117,7 @@ impl Server {
             .env("LOYALTY_SHUTDOWN_GRACE_SECS", "2")
             .env("LOYALTY_LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file))

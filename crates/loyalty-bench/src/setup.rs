@@ -59,6 +59,7 @@ pub async fn prepare_database(url: &str) -> Result<Store> {
         acquire_timeout: Duration::from_secs(30),
         // Preloading a million customers runs for minutes; 0 disables the timeout.
         statement_timeout: Duration::ZERO,
+        outbox: true,
     })?;
     store
         .migrate()

@@ -527,6 +527,7 @@ impl TestApp {
                 max_connections: options.db_max_connections,
                 acquire_timeout: options.db_acquire_timeout,
                 statement_timeout: Duration::from_secs(5),
+                outbox: options.events.outbox,
             },
             cache: CacheConfig {
                 url: options.redis_url.clone(),

@@ -35,5 +35,6 @@ WITH due AS (
       JOIN marked m ON m.merchant_id = d.merchant_id AND m.lot_id = d.id
                    AND m.expires_at = d.expires_at
       JOIN accounts a ON a.merchant_id = d.merchant_id AND a.customer_id = d.customer_id
+     WHERE outbox_on()
 )
 SELECT count(*) FROM marked

@@ -43,6 +43,7 @@ WITH gift AS (
                               'valid_from', i.valid_from, 'valid_until', i.valid_until)
       FROM inserted i
       LEFT JOIN accounts a ON a.merchant_id = i.merchant_id AND a.customer_id = i.customer_id
+     WHERE outbox_on()
 )
 SELECT i.customer_id, i.code, i.gift_id, f.name AS gift_name, f.kind AS gift_kind, c.external_id,
        i.status, i.source, i.purchase_id, i.valid_from, i.valid_until,

@@ -23,6 +23,7 @@ WITH redeemed AS (
                               'store_id', r.redeemed_store_id)
       FROM redeemed r
       LEFT JOIN accounts a ON a.merchant_id = r.merchant_id AND a.customer_id = r.customer_id
+     WHERE outbox_on()
 )
 SELECT r.customer_id, r.code, r.gift_id, f.name AS gift_name, f.kind AS gift_kind, c.external_id,
        r.status, r.source, r.purchase_id, r.valid_from, r.valid_until,

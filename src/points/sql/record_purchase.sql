@@ -121,6 +121,7 @@ WITH program AS (
                               'total_minor', $7::bigint, 'currency', $6::text,
                               'store_id', $4::text)
       FROM account
+     WHERE outbox_on()
 ), extended AS (
     UPDATE point_lots
        SET expires_at = greatest(expires_at, $18)
@@ -142,7 +143,7 @@ WITH program AS (
     SELECT $1, $2, 'status_changed', $32, available, pending, lifetime_earned,
            lifetime_redeemed, version, $30::jsonb
       FROM account
-     WHERE jsonb_typeof($30::jsonb) = 'object'
+     WHERE jsonb_typeof($30::jsonb) = 'object' AND outbox_on()
 ), tier_history AS (
     -- The same for a change of tier (a purchase only ever upgrades).
     INSERT INTO customer_tier_history (merchant_id, customer_id, from_tier, to_tier, change,
@@ -157,7 +158,7 @@ WITH program AS (
     SELECT $1, $2, 'tier_changed', $32, available, pending, lifetime_earned,
            lifetime_redeemed, version, $31::jsonb
       FROM account
-     WHERE jsonb_typeof($31::jsonb) = 'object'
+     WHERE jsonb_typeof($31::jsonb) = 'object' AND outbox_on()
 ), next_expiry AS (
     SELECT e.expires_at, sum(e.remaining)::bigint AS points
       FROM (SELECT CASE WHEN $20 THEN greatest(l.expires_at, $18) ELSE l.expires_at END

@@ -26,6 +26,7 @@ WITH account AS (
     SELECT merchant_id, customer_id, $9, available, pending, lifetime_earned,
            lifetime_redeemed, version, $10::jsonb
       FROM account
+     WHERE outbox_on()
 )
 SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
        a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at, a.standing

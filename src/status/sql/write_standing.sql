@@ -47,7 +47,7 @@ WITH account AS (
       FROM account a,
            (VALUES ('status_changed', $12::jsonb), ('tier_changed', $13::jsonb),
                    ('tier_downgrade_warning', $14::jsonb)) AS e (kind, details)
-     WHERE jsonb_typeof(e.details) = 'object'
+     WHERE jsonb_typeof(e.details) = 'object' AND outbox_on()
 )
 SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
        a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at, a.standing

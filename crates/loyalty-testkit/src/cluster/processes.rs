@@ -634,6 +634,7 @@ impl Cluster {
             max_connections: 2,
             acquire_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(10),
+            outbox: true,
         })
         .unwrap();
         let (merchant, admin) = loyalty::create_merchant(&store, "Reliability shop", "EUR")
