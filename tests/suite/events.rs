@@ -100,6 +100,46 @@ fn program(expiry: Option<pb::ExpiryPolicy>, expiry_warning_days: u32) -> pb::Pr
     }
 }
 
+/// An active item gift of the catalog, valid 30 days, without a points price.
+async fn create_item_gift(app: &TestApp, admin: &str, gift_id: &str, name: &str) {
+    app.program(admin)
+        .await
+        .create_gift(pb::CreateGiftRequest {
+            gift: Some(pb::Gift {
+                gift_id: gift_id.into(),
+                name: name.into(),
+                kind: pb::GiftKind::Item as i32,
+                validity_days: 30,
+                active: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// `IssueGift` by hand (admin): the grant made.
+async fn issue_gift(
+    app: &TestApp,
+    admin: &str,
+    external_id: &str,
+    gift_id: &str,
+    issue_key: &str,
+) -> pb::GiftGrant {
+    app.program(admin)
+        .await
+        .issue_gift(pb::IssueGiftRequest {
+            external_id: external_id.into(),
+            gift_id: gift_id.into(),
+            issue_key: issue_key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap()
+}
+
 /// A merchant with its pos and scheduler keys and a program of 1 point per EUR.
 async fn shop(app: &TestApp) -> (Merchant, String, String) {
     let merchant = app.merchant().await;
@@ -203,33 +243,8 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
     assert_eq!(event.balance, returned.balance);
 
     let admin = &merchant.admin_key;
-    app.program(admin)
-        .await
-        .create_gift(pb::CreateGiftRequest {
-            gift: Some(pb::Gift {
-                gift_id: "free-coffee".into(),
-                name: "Free coffee".into(),
-                kind: pb::GiftKind::Item as i32,
-                validity_days: 30,
-                active: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let grant = app
-        .program(admin)
-        .await
-        .issue_gift(pb::IssueGiftRequest {
-            external_id: "card-1".into(),
-            gift_id: "free-coffee".into(),
-            issue_key: "welcome-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap();
+    create_item_gift(&app, admin, "free-coffee", "Free coffee").await;
+    let grant = issue_gift(&app, admin, "card-1", "free-coffee", "welcome-1").await;
     let issued = next(&mut stream).await;
     assert_eq!(kind(&issued), pb::EventType::GiftIssued);
     let d = details(&issued);
@@ -292,29 +307,8 @@ async fn a_watcher_sees_only_its_merchants_events_of_the_types_it_asked_for() {
     ours.record_purchase(purchase("card-1", "our-1", 1_000))
         .await
         .unwrap();
-    app.program(&merchant.admin_key)
-        .await
-        .create_gift(pb::CreateGiftRequest {
-            gift: Some(pb::Gift {
-                gift_id: "mug".into(),
-                name: "Mug".into(),
-                kind: pb::GiftKind::Item as i32,
-                validity_days: 30,
-                active: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    app.program(&merchant.admin_key)
-        .await
-        .issue_gift(pb::IssueGiftRequest {
-            external_id: "card-1".into(),
-            gift_id: "mug".into(),
-            issue_key: "k-1".into(),
-        })
-        .await
-        .unwrap();
+    create_item_gift(&app, &merchant.admin_key, "mug", "Mug").await;
+    issue_gift(&app, &merchant.admin_key, "card-1", "mug", "k-1").await;
     // Another customer: card-1's second purchase would also make it RETURNING (status_changed).
     ours.record_purchase(purchase("card-2", "our-2", 1_000))
         .await
@@ -944,33 +938,8 @@ async fn with_the_outbox_off_no_write_fills_it_and_watch_events_is_refused() {
         })
         .await
         .unwrap();
-    app.program(admin)
-        .await
-        .create_gift(pb::CreateGiftRequest {
-            gift: Some(pb::Gift {
-                gift_id: "free-coffee".into(),
-                name: "Free coffee".into(),
-                kind: pb::GiftKind::Item as i32,
-                validity_days: 30,
-                active: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let grant = app
-        .program(admin)
-        .await
-        .issue_gift(pb::IssueGiftRequest {
-            external_id: "card-1".into(),
-            gift_id: "free-coffee".into(),
-            issue_key: "welcome-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .grant
-        .unwrap();
+    create_item_gift(&app, admin, "free-coffee", "Free coffee").await;
+    let grant = issue_gift(&app, admin, "card-1", "free-coffee", "welcome-1").await;
     checkout
         .redeem_gift(pb::RedeemGiftRequest {
             code: grant.code,
