@@ -55,8 +55,7 @@ impl MemberService for MemberApi {
             customer: Some(customer_message(customer)),
             standing: state
                 .standing
-                .as_ref()
-                .map(|s| standing_message(s, self.points.now())),
+                .map(|s| standing_message(*s, self.points.now())),
         }))
     }
 
@@ -80,8 +79,7 @@ impl MemberService for MemberApi {
             next_expiry: points::expiry_message(&state),
             standing: state
                 .standing
-                .as_ref()
-                .map(|s| standing_message(s, self.points.now())),
+                .map(|s| standing_message(*s, self.points.now())),
             external_id: r.external_id,
         }))
     }

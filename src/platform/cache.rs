@@ -34,6 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::error::Error;
 use crate::platform::account::{AccountState, PointsExpiry};
 use crate::platform::caller::MerchantId;
+use crate::status::cached;
 use crate::status::standing::Standing;
 use crate::telemetry::Metrics;
 
@@ -67,28 +68,33 @@ fn next_expiry_of(points: i64, at_micros: i64) -> Option<PointsExpiry> {
     (points > 0).then_some(PointsExpiry { points, at })
 }
 
-/// The standing as cached: its JSON, or "" for none.
-fn standing_field(standing: Option<&Standing>) -> String {
-    standing
-        .and_then(|s| serde_json::to_string(s).ok())
-        .unwrap_or_default()
+/// The standing as cached: its binary form (`status::cached`), or "" for none.
+fn standing_field(standing: Option<&Standing>) -> Vec<u8> {
+    standing.map(cached::encode).unwrap_or_default()
 }
 
 /// The cached standing: `None` when the entry has no field (a miss), `Some(None)` for "".
-/// An unreadable one is a miss too.
-fn standing_of(field: Option<String>) -> Option<Option<Box<Standing>>> {
-    match field?.as_str() {
-        "" => Some(None),
-        json => serde_json::from_str(json).ok().map(|s| Some(Box::new(s))),
+/// The binary form, or the JSON that servers before it wrote into the same field (during a
+/// rolling upgrade an older replica's write replaces the whole entry, standing included, so
+/// the field always belongs to the entry's version). An unreadable one is a miss too.
+fn standing_of(field: Option<Vec<u8>>) -> Option<Option<Box<Standing>>> {
+    let field = field?;
+    if field.is_empty() {
+        return Some(None);
     }
+    let standing = match field.first() {
+        Some(b'{') => serde_json::from_slice(&field).ok(),
+        _ => cached::decode(&field),
+    };
+    standing.map(|s| Some(Box::new(s)))
 }
 
 /// The state in a cache entry's fields (`v a p le lr pc xp xa st`, as `get` asks for them);
 /// `None` is a miss: no entry, a field missing (an entry written before expiry or standings
 /// existed) or unreadable.
-fn cached_state(fields: Vec<Option<String>>) -> Option<AccountState> {
-    let [v, a, p, le, lr, pc, xp, xa, st]: [Option<String>; 9] = fields.try_into().ok()?;
-    let number = |field: Option<String>| field?.parse::<i64>().ok();
+fn cached_state(fields: Vec<Option<Vec<u8>>>) -> Option<AccountState> {
+    let [v, a, p, le, lr, pc, xp, xa, st]: [Option<Vec<u8>>; 9] = fields.try_into().ok()?;
+    let number = |field: Option<Vec<u8>>| std::str::from_utf8(&field?).ok()?.parse::<i64>().ok();
     Some(AccountState {
         version: number(v)?,
         available: number(a)?,
@@ -260,7 +266,7 @@ impl Cache {
             .arg(&["v", "a", "p", "le", "lr", "pc", "xp", "xa", "st"]);
         let reply = tokio::time::timeout(
             inner.config.timeout,
-            pipe.query_async::<(Option<String>, Vec<Option<String>>)>(&mut conn),
+            pipe.query_async::<(Option<String>, Vec<Option<Vec<u8>>>)>(&mut conn),
         )
         .await;
         match reply {
@@ -711,8 +717,11 @@ fn escape(external_id: &str) -> String {
 mod tests {
     use super::*;
 
-    fn fields(values: &[Option<&str>]) -> Vec<Option<String>> {
-        values.iter().map(|v| v.map(str::to_owned)).collect()
+    fn fields(values: &[Option<&str>]) -> Vec<Option<Vec<u8>>> {
+        values
+            .iter()
+            .map(|v| v.map(|s| s.as_bytes().to_vec()))
+            .collect()
     }
 
     #[test]
@@ -765,6 +774,25 @@ mod tests {
             cached_state(fields(&complete[..8])).is_none(),
             "too few fields"
         );
+
+        // The standing in its binary form, and in the JSON older servers wrote.
+        let standing = Standing {
+            status: crate::status::rules::RepeatStatus::Returning,
+            status_since: Some(at),
+            hint: None,
+            tier: None,
+            progress: None,
+            as_of: at,
+        };
+        for form in [
+            standing_field(Some(&standing)),
+            serde_json::to_vec(&standing).unwrap(),
+        ] {
+            let mut entry = fields(&complete);
+            entry[8] = Some(form);
+            let read = cached_state(entry).expect("a standing in either form is a hit");
+            assert_eq!(read.standing.as_deref(), Some(&standing));
+        }
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub fn status_message(status: RepeatStatus) -> pb::RepeatStatus {
 }
 
 /// The standing as seen at `now`: the hint's sentence and days left are made now.
-pub fn standing_message(standing: &Standing, now: DateTime<Utc>) -> pb::CustomerStanding {
+/// Takes the standing by value: its strings move into the message (a cached read's hot path).
+pub fn standing_message(standing: Standing, now: DateTime<Utc>) -> pb::CustomerStanding {
     let standing = standing.at(now);
     pb::CustomerStanding {
         status: status_message(standing.status) as i32,

@@ -4,6 +4,7 @@
 //! and tier assessed together, as checkout, returns and the sweep write them; `store.rs`: the
 //! SQL outside checkout's statement; `use_cases.rs`: a return's reassessment and the sweep.
 
+pub mod cached;
 pub mod grpc;
 pub mod rules;
 pub mod standing;

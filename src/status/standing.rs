@@ -164,10 +164,10 @@ impl Standing {
     }
 
     /// As seen at `now`: the hint's days counted from now.
-    pub fn at(&self, now: DateTime<Utc>) -> Standing {
+    pub fn at(self, now: DateTime<Utc>) -> Standing {
         Standing {
             hint: self.hint.map(|h| h.at(now)),
-            ..self.clone()
+            ..self
         }
     }
 }
@@ -509,7 +509,13 @@ mod tests {
             "2 more purchases within 170 days to become REGULAR"
         );
         assert_eq!(
-            second.standing.at(day(100)).hint.unwrap().within_days,
+            second
+                .standing
+                .clone()
+                .at(day(100))
+                .hint
+                .unwrap()
+                .within_days,
             Some(80)
         );
         // The sweep looks again when AT_RISK could come (30-day floor × ... the 2× gap of 10
