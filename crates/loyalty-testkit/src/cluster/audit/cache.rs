@@ -84,8 +84,9 @@ async fn stale_entries(
     let mut stale = Vec::new();
     for (customer, state) in committed {
         let key = cluster.cache_key(redis, customer).await;
-        // The numbers of the entry; the standing ('st', JSON) is not a balance figure.
-        let fields: HashMap<String, String> =
+        // The numbers of the entry; the standing ('st', binary: `loyalty::status::cached`) is
+        // not a balance figure.
+        let fields: HashMap<String, Vec<u8>> =
             match redis::cmd("HGETALL").arg(key).query_async(redis).await {
                 Ok(fields) => fields,
                 Err(e) => {
@@ -96,7 +97,13 @@ async fn stale_entries(
         let fields: HashMap<String, i64> = match fields
             .into_iter()
             .filter(|(name, _)| name != "st")
-            .map(|(name, value)| value.parse::<i64>().map(|v| (name, v)))
+            .map(|(name, value)| {
+                let number = std::str::from_utf8(&value)
+                    .map_err(|e| e.to_string())?
+                    .parse::<i64>()
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((name, number))
+            })
             .collect()
         {
             Ok(fields) => fields,
