@@ -107,6 +107,10 @@ pub struct Row {
     pub stream_errors: Option<BTreeMap<String, u64>>,
     /// How long after the load the last watcher had every acknowledged purchase.
     pub drain_ms: Option<f64>,
+    /// The bench merchant's purchases per customer when this scale began: checkout reads each
+    /// customer's purchases of the look-back, so its figures hold for this much history (the
+    /// bench adds about rps x seconds purchases per checkout run and never removes any).
+    pub purchases_per_customer: Option<f64>,
 }
 
 impl Row {
@@ -160,6 +164,7 @@ impl Row {
             events_of_failed_checkouts: None,
             stream_errors: None,
             drain_ms: None,
+            purchases_per_customer: None,
         }
     }
 

@@ -264,12 +264,21 @@ impl Bench {
                  processes, autovacuum, a checkpoint?); the figures of this scale will be skewed"
             );
         }
+        let history = setup::purchases_per_customer(&self.store, &merchant).await?;
+        eprintln!(
+            "history: {history:.1} purchases per customer (checkout reads those of the look-back)"
+        );
         let keys = setup::create_keys(&self.store, merchant.id).await?;
         self.issued_keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(keys.clone());
-        self.scenarios(&merchant, &keys, scenarios, rows).await
+        let first = rows.len();
+        let measured = self.scenarios(&merchant, &keys, scenarios, rows).await;
+        for row in &mut rows[first..] {
+            row.purchases_per_customer = Some(crate::stats::round3(history));
+        }
+        measured
     }
 
     fn settings(&self) -> Result<ServerSettings> {

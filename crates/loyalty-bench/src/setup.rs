@@ -99,6 +99,21 @@ pub struct BenchMerchant {
     pub preload_time: Duration,
 }
 
+/// The merchant's purchases per customer (0 without customers).
+pub async fn purchases_per_customer(store: &Store, merchant: &BenchMerchant) -> Result<f64> {
+    let purchases: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM purchases WHERE merchant_id = $1")
+            .bind(merchant.id.0)
+            .fetch_one(store.pool())
+            .await
+            .context("counting the bench merchant's purchases")?;
+    Ok(if merchant.customers == 0 {
+        0.0
+    } else {
+        purchases as f64 / merchant.customers as f64
+    })
+}
+
 /// The merchant `bench-<customers>`, created and preloaded if needed. A preload interrupted
 /// earlier is resumed: batches commit one by one and always cover external ids 1..=k. A
 /// merchant preloaded by an older bench, whose purchases have no lots, gets them
@@ -621,6 +636,36 @@ mod tests {
      WHERE a.merchant_id = $1
        AND (a.available + a.pending <> l.points OR a.version <> l.seq)
     ";
+
+    /// The history a scale's figures hold for: the preload's purchases, then every later one.
+    #[tokio::test]
+    async fn the_history_counts_the_merchants_purchases_per_customer() {
+        let Some((store, options, name)) = throwaway("history").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 40, 40).await.unwrap();
+        let preloaded = purchases_per_customer(&store, &merchant).await.unwrap();
+        assert_eq!(preloaded, HISTORY as f64);
+        // Twenty more purchases, copies of preloaded ones under new ids.
+        sqlx::query(
+            "INSERT INTO purchases (merchant_id, purchase_id, customer_id, store_id, occurred_at,
+                                    currency, total_minor, request_hash, points_earned,
+                                    available_after, pending_after, lifetime_earned_after,
+                                    lifetime_redeemed_after, purchase_count_after, version_after)
+             SELECT merchant_id, 'more-' || purchase_id, customer_id, store_id, occurred_at,
+                    currency, total_minor, request_hash, points_earned, available_after,
+                    pending_after, lifetime_earned_after, lifetime_redeemed_after,
+                    purchase_count_after, version_after
+               FROM purchases WHERE merchant_id = $1 ORDER BY purchase_id LIMIT 20",
+        )
+        .bind(merchant.id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let grown = purchases_per_customer(&store, &merchant).await.unwrap();
+        assert_eq!(grown, HISTORY as f64 + 0.5);
+        drop_database(store, options, &name).await;
+    }
 
     /// The vacuum before a measurement names only tables the migrations make, and vacuums
     /// each of them.
