@@ -81,24 +81,65 @@ struct CachedProgress {
     needed: i64,
 }
 
-const ROUTES: [HintRoute; 4] = [
-    HintRoute::MorePurchases,
-    HintRoute::PurchasesInWindow,
-    HintRoute::StayRegular,
-    HintRoute::ComeBack,
-];
-const METRICS: [TierMetric; 3] = [
-    TierMetric::Spend,
-    TierMetric::Visits,
-    TierMetric::PointsEarned,
-];
-
-fn code<T: PartialEq>(all: &[T], value: &T) -> u32 {
-    all.iter().position(|v| v == value).unwrap_or_default() as u32
+// The codes of the enums are part of the cached format: each value keeps its number for good
+// (a new value takes a new one). Matches, so that a new value cannot be left without one.
+fn status_code(status: RepeatStatus) -> u32 {
+    match status {
+        RepeatStatus::New => 0,
+        RepeatStatus::Returning => 1,
+        RepeatStatus::Regular => 2,
+        RepeatStatus::Loyal => 3,
+        RepeatStatus::AtRisk => 4,
+        RepeatStatus::Lapsed => 5,
+    }
 }
 
-fn of_code<T: Copy>(all: &[T], code: u32) -> Option<T> {
-    all.get(code as usize).copied()
+fn status_of(code: u32) -> Option<RepeatStatus> {
+    Some(match code {
+        0 => RepeatStatus::New,
+        1 => RepeatStatus::Returning,
+        2 => RepeatStatus::Regular,
+        3 => RepeatStatus::Loyal,
+        4 => RepeatStatus::AtRisk,
+        5 => RepeatStatus::Lapsed,
+        _ => return None,
+    })
+}
+
+fn route_code(route: HintRoute) -> u32 {
+    match route {
+        HintRoute::MorePurchases => 0,
+        HintRoute::PurchasesInWindow => 1,
+        HintRoute::StayRegular => 2,
+        HintRoute::ComeBack => 3,
+    }
+}
+
+fn route_of(code: u32) -> Option<HintRoute> {
+    Some(match code {
+        0 => HintRoute::MorePurchases,
+        1 => HintRoute::PurchasesInWindow,
+        2 => HintRoute::StayRegular,
+        3 => HintRoute::ComeBack,
+        _ => return None,
+    })
+}
+
+fn metric_code(metric: TierMetric) -> u32 {
+    match metric {
+        TierMetric::Spend => 0,
+        TierMetric::Visits => 1,
+        TierMetric::PointsEarned => 2,
+    }
+}
+
+fn metric_of(code: u32) -> Option<TierMetric> {
+    Some(match code {
+        0 => TierMetric::Spend,
+        1 => TierMetric::Visits,
+        2 => TierMetric::PointsEarned,
+        _ => return None,
+    })
 }
 
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -120,11 +161,11 @@ fn optional_instant(micros: Option<i64>) -> Option<Option<DateTime<Utc>>> {
 /// The cached form of `standing` (never empty).
 pub fn encode(standing: &Standing) -> Vec<u8> {
     let cached = CachedStanding {
-        status: code(&RepeatStatus::ALL, &standing.status),
+        status: status_code(standing.status),
         status_since: standing.status_since.map(micros),
         hint: standing.hint.map(|h| CachedHint {
-            target: code(&RepeatStatus::ALL, &h.target),
-            route: code(&ROUTES, &h.route),
+            target: status_code(h.target),
+            route: route_code(h.route),
             purchases_needed: h.purchases_needed,
             deadline: h.deadline.map(micros),
             within_days: h.within_days,
@@ -141,7 +182,7 @@ pub fn encode(standing: &Standing) -> Vec<u8> {
         progress: standing.progress.as_ref().map(|p| CachedProgress {
             next_tier_id: p.next_tier_id.clone(),
             next_tier_name: p.next_tier_name.clone(),
-            metric: code(&METRICS, &p.metric),
+            metric: metric_code(p.metric),
             window_days: p.window_days,
             value: p.value,
             threshold: p.threshold,
@@ -167,8 +208,8 @@ pub fn decode(bytes: &[u8]) -> Option<Standing> {
     let hint = match cached.hint {
         None => None,
         Some(h) => Some(NextStatusHint {
-            target: of_code(&RepeatStatus::ALL, h.target)?,
-            route: of_code(&ROUTES, h.route)?,
+            target: status_of(h.target)?,
+            route: route_of(h.route)?,
             purchases_needed: h.purchases_needed,
             deadline: optional_instant(h.deadline)?,
             within_days: h.within_days,
@@ -189,7 +230,7 @@ pub fn decode(bytes: &[u8]) -> Option<Standing> {
     let progress = match cached.progress {
         None => None,
         Some(p) => Some(TierProgress {
-            metric: of_code(&METRICS, p.metric)?,
+            metric: metric_of(p.metric)?,
             next_tier_id: p.next_tier_id,
             next_tier_name: p.next_tier_name,
             window_days: p.window_days,
@@ -199,7 +240,7 @@ pub fn decode(bytes: &[u8]) -> Option<Standing> {
         }),
     };
     Some(Standing {
-        status: of_code(&RepeatStatus::ALL, cached.status)?,
+        status: status_of(cached.status)?,
         status_since: optional_instant(cached.status_since)?,
         hint,
         tier,
@@ -286,6 +327,35 @@ mod tests {
             assert_eq!(bytes[0], VERSION, "never empty, versioned");
             assert_eq!(decode(&bytes), Some(standing));
         }
+    }
+
+    const ROUTES: [HintRoute; 4] = [
+        HintRoute::MorePurchases,
+        HintRoute::PurchasesInWindow,
+        HintRoute::StayRegular,
+        HintRoute::ComeBack,
+    ];
+    const METRICS: [TierMetric; 3] = [
+        TierMetric::Spend,
+        TierMetric::Visits,
+        TierMetric::PointsEarned,
+    ];
+
+    #[test]
+    fn every_value_has_a_code_of_its_own_that_reads_back() {
+        for status in RepeatStatus::ALL {
+            assert_eq!(status_of(status_code(status)), Some(status));
+        }
+        for route in ROUTES {
+            assert_eq!(route_of(route_code(route)), Some(route));
+        }
+        for metric in METRICS {
+            assert_eq!(metric_of(metric_code(metric)), Some(metric));
+        }
+        assert_eq!(
+            (status_of(6), route_of(4), metric_of(3)),
+            (None, None, None)
+        );
     }
 
     #[test]
