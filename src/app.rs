@@ -281,7 +281,7 @@ impl Application {
         ));
         background.push(jobs::cache_repair(parts.publisher.clone(), stop_rx.clone()));
         // With the outbox off nothing is written for the stream's jobs to work on.
-        if config.events.outbox {
+        if parts.store.writes_outbox() {
             background.extend(hub.start(parts.store.clone(), stop_rx.clone()));
             let events = Events::new(&parts, &hub, &config.events);
             background.push(jobs::event_sequencer(

@@ -591,7 +591,6 @@ impl ServeArgs {
                 ms => Some(millis("LOYALTY_SWEEP_INTERVAL_MS", ms, 10, 3_600_000)?),
             },
             events: EventsConfig {
-                outbox: self.events_outbox == "on",
                 poll_interval: millis("LOYALTY_EVENT_POLL_MS", self.event_poll_ms, 1, 10_000)?,
                 retention: secs(
                     "LOYALTY_EVENT_RETENTION_HOURS",

@@ -26,9 +26,6 @@ use crate::platform::store::Store;
 /// The settings of the event stream (`config.rs`: `LOYALTY_EVENT_*`).
 #[derive(Debug, Clone, Copy)]
 pub struct EventsConfig {
-    /// Whether writes fill the outbox (`LOYALTY_EVENTS_OUTBOX`). Off: no event is written,
-    /// none of the stream's jobs runs here and WatchEvents is refused.
-    pub outbox: bool,
     /// How often the sequencer looks for committed events to number: the stream's delay from
     /// commit to delivery is at most about this (plus one read).
     pub poll_interval: Duration,
@@ -43,7 +40,6 @@ pub struct EventsConfig {
 impl Default for EventsConfig {
     fn default() -> Self {
         EventsConfig {
-            outbox: true,
             poll_interval: Duration::from_millis(20),
             retention: Duration::from_secs(168 * 3600),
             prune_interval: Some(Duration::from_secs(60)),
@@ -59,6 +55,7 @@ pub struct Events {
     clock: Arc<dyn Clock>,
     hub: Hub,
     retention: Duration,
+    /// Whether this process's sessions write the outbox (`Store::writes_outbox`).
     outbox: bool,
 }
 
@@ -70,7 +67,7 @@ impl Events {
             clock: parts.clock.clone(),
             hub: hub.clone(),
             retention: config.retention,
-            outbox: config.outbox,
+            outbox: parts.store.writes_outbox(),
         }
     }
 }

@@ -73,6 +73,9 @@ fn plaintext_on_loopback(options: PgConnectOptions, url: &str) -> PgConnectOptio
 /// The Postgres side of storage. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Whether the sessions write the event outbox (`DatabaseConfig::outbox`): the one place
+    /// that decides it, read by the event stream's jobs and WatchEvents.
+    outbox: bool,
     pool: PgPool,
     /// One connection of its own for the health probe: a pool drained by requests waiting on
     /// one hot customer's row lock is a busy database, not a dead one, and must not turn the
@@ -125,15 +128,25 @@ impl Store {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Store { pool, health })
+        Ok(Store {
+            outbox: config.outbox,
+            pool,
+            health,
+        })
     }
 
     /// A store on an existing pool (tests); the health probe shares it.
     pub fn from_pool(pool: PgPool) -> Store {
         Store {
+            outbox: true,
             health: pool.clone(),
             pool,
         }
+    }
+
+    /// Whether this store's sessions write the event outbox (`LOYALTY_EVENTS_OUTBOX`).
+    pub fn writes_outbox(&self) -> bool {
+        self.outbox
     }
 
     pub fn pool(&self) -> &PgPool {

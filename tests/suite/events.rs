@@ -886,10 +886,7 @@ async fn a_gift_claimed_with_points_is_issued_with_the_balance_after_its_price()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_outbox_off_no_write_fills_it_and_watch_events_is_refused() {
     let app = TestApp::spawn_with(Options {
-        events: loyalty::events::EventsConfig {
-            outbox: false,
-            ..loyalty::events::EventsConfig::default()
-        },
+        outbox: false,
         ..Options::default()
     })
     .await;

@@ -318,6 +318,9 @@ pub struct Options {
     /// and expiry warnings are left to the test, which runs passes by hand through
     /// `TestApp::events`.
     pub events: loyalty::events::EventsConfig,
+    /// Whether the server's sessions write the event outbox (`LOYALTY_EVENTS_OUTBOX`); on by
+    /// default.
+    pub outbox: bool,
     /// The background greeting job; `None` (the default) leaves it to the test, which runs
     /// passes by hand through `TestApp::greetings`.
     pub greeting_interval: Option<Duration>,
@@ -384,6 +387,7 @@ impl Default for Options {
                 warning_interval: None,
                 ..loyalty::events::EventsConfig::default()
             },
+            outbox: true,
             greeting_interval: None,
             db_max_connections: 16,
             db_acquire_timeout: Duration::from_secs(2),
@@ -527,7 +531,7 @@ impl TestApp {
                 max_connections: options.db_max_connections,
                 acquire_timeout: options.db_acquire_timeout,
                 statement_timeout: Duration::from_secs(5),
-                outbox: options.events.outbox,
+                outbox: options.outbox,
             },
             cache: CacheConfig {
                 url: options.redis_url.clone(),
