@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Merchant, Options, ShiftedClock, TestApp, purchase};
+use common::{CheckoutClient, Merchant, Options, ShiftedClock, TestApp, purchase};
 use loyalty::pb;
 use loyalty::{Scope, Store};
 use serde_json::Value;
@@ -100,6 +100,49 @@ fn program(expiry: Option<pb::ExpiryPolicy>, expiry_warning_days: u32) -> pb::Pr
     }
 }
 
+/// `RedeemPoints` of `points`, naming no purchase.
+async fn redeem(
+    checkout: &mut CheckoutClient,
+    external_id: &str,
+    redemption_id: &str,
+    points: i64,
+) {
+    checkout
+        .redeem_points(pb::RedeemPointsRequest {
+            external_id: external_id.into(),
+            redemption_id: redemption_id.into(),
+            points,
+            purchase_id: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+/// A hold of `points` (default ttl) and its commit.
+async fn hold_and_commit(
+    checkout: &mut CheckoutClient,
+    external_id: &str,
+    reservation_id: &str,
+    points: i64,
+) {
+    checkout
+        .reserve_points(pb::ReservePointsRequest {
+            external_id: external_id.into(),
+            reservation_id: reservation_id.into(),
+            points,
+            ttl_seconds: 0,
+            purchase_id: String::new(),
+        })
+        .await
+        .unwrap();
+    checkout
+        .commit_reservation(pb::CommitReservationRequest {
+            reservation_id: reservation_id.into(),
+        })
+        .await
+        .unwrap();
+}
+
 /// An active item gift of the catalog, valid 30 days, without a points price.
 async fn create_item_gift(app: &TestApp, admin: &str, gift_id: &str, name: &str) {
     app.program(admin)
@@ -160,15 +203,7 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
         .await
         .unwrap()
         .into_inner();
-    checkout
-        .redeem_points(pb::RedeemPointsRequest {
-            external_id: "card-1".into(),
-            redemption_id: "red-1".into(),
-            points: 30,
-            purchase_id: String::new(),
-        })
-        .await
-        .unwrap();
+    redeem(&mut checkout, "card-1", "red-1", 30).await;
 
     // Replay: what was written before the watch.
     let mut stream = watch(&app, &scheduler, "", &[]).await;
@@ -199,22 +234,7 @@ async fn a_watcher_replays_then_follows_every_kind_of_change_with_its_balance() 
     assert!(position(&redeemed) > position(&first));
 
     // Live: a hold (no event), its commit, a return, a gift issued and redeemed.
-    checkout
-        .reserve_points(pb::ReservePointsRequest {
-            external_id: "card-1".into(),
-            reservation_id: "hold-1".into(),
-            points: 20,
-            ttl_seconds: 0,
-            purchase_id: String::new(),
-        })
-        .await
-        .unwrap();
-    checkout
-        .commit_reservation(pb::CommitReservationRequest {
-            reservation_id: "hold-1".into(),
-        })
-        .await
-        .unwrap();
+    hold_and_commit(&mut checkout, "card-1", "hold-1", 20).await;
     let committed = next(&mut stream).await;
     assert_eq!(kind(&committed), pb::EventType::PointsRedeemed);
     assert_eq!(
@@ -901,31 +921,8 @@ async fn with_the_outbox_off_no_write_fills_it_and_watch_events_is_refused() {
             .await
             .unwrap();
     }
-    checkout
-        .redeem_points(pb::RedeemPointsRequest {
-            external_id: "card-1".into(),
-            redemption_id: "red-1".into(),
-            points: 30,
-            purchase_id: String::new(),
-        })
-        .await
-        .unwrap();
-    checkout
-        .reserve_points(pb::ReservePointsRequest {
-            external_id: "card-1".into(),
-            reservation_id: "hold-1".into(),
-            points: 20,
-            ttl_seconds: 0,
-            purchase_id: String::new(),
-        })
-        .await
-        .unwrap();
-    checkout
-        .commit_reservation(pb::CommitReservationRequest {
-            reservation_id: "hold-1".into(),
-        })
-        .await
-        .unwrap();
+    redeem(&mut checkout, "card-1", "red-1", 30).await;
+    hold_and_commit(&mut checkout, "card-1", "hold-1", 20).await;
     checkout
         .return_purchase(pb::ReturnPurchaseRequest {
             purchase_id: "r-1".into(),
