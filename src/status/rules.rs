@@ -42,7 +42,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::platform::validation::Violations;
@@ -605,39 +605,85 @@ impl NextStatusHint {
     }
 
     /// The hint in English, e.g. "1 more purchase within 23 days to become REGULAR".
+    ///
+    /// Made on every GetBalance and GetCustomer (the days left change as time passes), so it
+    /// is written into one string, dates by hand rather than through a strftime pattern that
+    /// would be parsed anew each time.
     pub fn sentence(&self) -> String {
-        let purchases = match self.purchases_needed {
-            1 => "1 more purchase".to_string(),
-            n => format!("{n} more purchases"),
-        };
+        let mut out = String::with_capacity(96);
         let target = self.target.label();
-        match (self.route, self.arrives_at, self.when()) {
-            (HintRoute::StayRegular, Some(arrives_at), when) => {
-                let date = arrives_at.format("%Y-%m-%d");
-                match when {
-                    Some(when) if self.purchases_needed > 0 => format!(
-                        "{purchases} to stay REGULAR until {date} and become {target}, the next {when}"
-                    ),
-                    _ => format!("stay REGULAR until {date} to become {target}"),
+        match (self.route, self.arrives_at) {
+            (HintRoute::StayRegular, Some(arrives_at)) => {
+                if self.purchases_needed > 0 && self.has_when() {
+                    self.write_purchases(&mut out);
+                    out.push_str(" to stay REGULAR until ");
+                    write_date(&mut out, arrives_at);
+                    out.push_str(" and become ");
+                    out.push_str(target);
+                    out.push_str(", the next ");
+                    self.write_when(&mut out);
+                } else {
+                    out.push_str("stay REGULAR until ");
+                    write_date(&mut out, arrives_at);
+                    out.push_str(" to become ");
+                    out.push_str(target);
                 }
             }
-            (HintRoute::ComeBack, _, _) => format!("{purchases} to become {target} again"),
-            (_, _, Some(when)) => format!("{purchases} {when} to become {target}"),
-            (_, _, None) => format!("{purchases} to become {target}"),
+            (HintRoute::ComeBack, _) => {
+                self.write_purchases(&mut out);
+                out.push_str(" to become ");
+                out.push_str(target);
+                out.push_str(" again");
+            }
+            _ => {
+                self.write_purchases(&mut out);
+                if self.has_when() {
+                    out.push(' ');
+                    self.write_when(&mut out);
+                }
+                out.push_str(" to become ");
+                out.push_str(target);
+            }
         }
+        out
     }
 
-    /// "within 23 days", or the exact instant when less than a day is left.
-    fn when(&self) -> Option<String> {
+    fn has_when(&self) -> bool {
+        self.deadline.is_some() || self.within_days.is_some()
+    }
+
+    /// "1 more purchase", "3 more purchases".
+    fn write_purchases(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = match self.purchases_needed {
+            1 => write!(out, "1 more purchase"),
+            n => write!(out, "{n} more purchases"),
+        };
+    }
+
+    /// "within 23 days", or the exact instant when less than a day is left (nothing when the
+    /// hint has neither: see `has_when`).
+    fn write_when(&self, out: &mut String) {
+        use std::fmt::Write;
         match (self.deadline, self.within_days) {
             (Some(deadline), Some(0) | None) => {
-                Some(format!("before {} UTC", deadline.format("%Y-%m-%d %H:%M")))
+                out.push_str("before ");
+                write_date(out, deadline);
+                let _ = write!(out, " {:02}:{:02} UTC", deadline.hour(), deadline.minute());
             }
-            (_, Some(1)) => Some("within 1 day".to_string()),
-            (_, Some(days)) => Some(format!("within {days} days")),
-            (None, None) => None,
+            (_, Some(1)) => out.push_str("within 1 day"),
+            (_, Some(days)) => {
+                let _ = write!(out, "within {days} days");
+            }
+            (None, None) => {}
         }
     }
+}
+
+/// `2026-06-30` (the UTC date).
+fn write_date(out: &mut String, at: DateTime<Utc>) {
+    use std::fmt::Write;
+    let _ = write!(out, "{:04}-{:02}-{:02}", at.year(), at.month(), at.day());
 }
 
 /// What the customer needs for the status above `assessment.status`; `None` at LOYAL (the top)
