@@ -8,12 +8,12 @@ use sqlx::PgConnection;
 use sqlx::types::Json;
 
 use crate::error::Error;
-use crate::platform::account::{AccountRow, AccountState};
+use crate::platform::account::{AccountRow, AccountState, PointsExpiry};
 use crate::platform::caller::MerchantId;
 use crate::platform::store::{db_error, violated_unique_constraint};
 use crate::points::rules::earn::Earn;
 use crate::points::rules::ledger::{EntryKind, LedgerEntry, PageRequest};
-use crate::points::rules::lots::LotTerms;
+use crate::points::rules::lots::{LotTerms, next_expiry_after_purchase};
 use crate::points::rules::purchase::Purchase;
 use crate::points::sql;
 use crate::status::rules::RepeatStatus;
@@ -37,6 +37,36 @@ pub struct StandingWrite<'a> {
     pub expected_version: i64,
     pub evaluation: &'a Evaluation,
     pub at: DateTime<Utc>,
+}
+
+/// What the purchase statement returns: the account after it, with the next expiry of the
+/// lots before it, and what the purchase added to that (see the statement).
+#[derive(sqlx::FromRow)]
+struct RecordedRow {
+    #[sqlx(flatten)]
+    account: AccountRow,
+    lot_remaining: Option<i64>,
+    lot_matured: Option<bool>,
+    lot_expires_at: Option<DateTime<Utc>>,
+    moved_points: Option<i64>,
+}
+
+impl RecordedRow {
+    /// The account after the purchase; `moved_to` is the expiry the purchase moved open lots
+    /// to ($18 of the statement).
+    fn into_state(self, moved_to: DateTime<Utc>) -> AccountState {
+        let lot = match (self.lot_remaining, self.lot_matured, self.lot_expires_at) {
+            (Some(points), Some(true), Some(at)) => Some(PointsExpiry { points, at }),
+            _ => None,
+        };
+        let moved = self.moved_points.map(|points| PointsExpiry {
+            points,
+            at: moved_to,
+        });
+        let mut state = AccountState::from(self.account);
+        state.next_expiry = next_expiry_after_purchase(state.next_expiry, lot, moved);
+        state
+    }
 }
 
 /// Writes the purchase, its lines, its EARN ledger entry and the account update in one
@@ -66,7 +96,8 @@ pub async fn record(
         quantity.push(line.quantity as i32);
         amount.push(line.amount_minor);
     }
-    let result = sqlx::query_as::<_, AccountRow>(sql::RECORD_PURCHASE)
+    let moved_to = lot.expires_at.unwrap_or(basket.occurred_at);
+    let result = sqlx::query_as::<_, RecordedRow>(sql::RECORD_PURCHASE)
         .bind(merchant.0)
         .bind(customer_id)
         .bind(&purchase.purchase_id)
@@ -84,7 +115,7 @@ pub async fn record(
         .bind(&earned.line_points)
         .bind(lot.spendable_now)
         .bind(lot.available_at)
-        .bind(lot.expires_at.unwrap_or(basket.occurred_at))
+        .bind(moved_to)
         .bind(lot.expires_at.is_some())
         .bind(lot.extends_open_lots)
         .bind(standing.expected_version)
@@ -102,7 +133,7 @@ pub async fn record(
         .fetch_optional(conn)
         .await;
     match result {
-        Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
+        Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into_state(moved_to))),
         Ok(None) => Ok(RecordOutcome::NotWritten),
         Err(error) => match violated_unique_constraint(&error).as_deref() {
             // The purchase's only unique key (its entry and lot have none, see the statement).

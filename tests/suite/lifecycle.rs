@@ -621,6 +621,71 @@ async fn due_lots_expire_once_under_concurrent_sweeps_and_holds_protect_theirs()
     app.stop().await;
 }
 
+/// The next expiry a purchase publishes (its statement returns the soonest expiry of the lots
+/// before it and the store adds the purchase's own lot and the lots it moved) is the one the
+/// database computes from the lots after it, under every expiry policy, for purchases made
+/// in and out of order and after a redemption.
+#[tokio::test]
+async fn the_next_expiry_a_purchase_caches_is_the_one_its_lots_give() {
+    let app = TestApp::spawn().await;
+    let policies = [
+        (pb::ExpiryKind::MonthsAfterEarning, 1),
+        (pb::ExpiryKind::EndOfMonthAfter, 1),
+        (pb::ExpiryKind::MonthsWithoutPurchase, 2),
+    ];
+    for (kind, months) in policies {
+        let merchant = app.merchant().await;
+        let expiry = pb::ExpiryPolicy {
+            kind: kind as i32,
+            months,
+        };
+        set_program(
+            &app,
+            &merchant.admin_key,
+            program(0, Some(expiry), pb::ReturnPolicy::Debt),
+        )
+        .await;
+        let pos = app.key(&merchant, Scope::Pos).await;
+        let mut checkout = app.checkout(&pos).await;
+        // Days ago: out of order (the third is older than the first two), then today.
+        for (n, days_ago) in [20, 5, 25, 0].into_iter().enumerate() {
+            let mut request = purchase("card-1", &format!("r-{n}"), 1_000 * (n as i64 + 1));
+            request.occurred_at = Some(common::timestamp_in(-days_ago * 86_400));
+            checkout.record_purchase(request).await.unwrap();
+            let hits = app.metrics.cache_op_count("get", "hit");
+            let cached = balance(&app, &pos, "card-1").await.next_expiry;
+            assert_eq!(
+                app.metrics.cache_op_count("get", "hit"),
+                hits + 1,
+                "the balance after purchase {n} came from the cache"
+            );
+            let stored: Option<(i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+                "SELECT n.points, n.expires_at
+                   FROM customers c, next_expiry(c.merchant_id, c.id) n
+                  WHERE c.merchant_id = $1 AND c.external_id = 'card-1'",
+            )
+            .bind(merchant.id.0)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+            let cached = cached.map(|e| (e.points, e.expires_at.unwrap().seconds));
+            let stored = stored.map(|(points, at)| (points, at.timestamp()));
+            assert!(stored.is_some(), "{kind:?}: something expires");
+            assert_eq!(cached, stored, "{kind:?}, after purchase {n}");
+            if n == 1 {
+                // Spending takes the soonest-expiring points first: the next purchases start
+                // from lots partly spent.
+                checkout
+                    .redeem_points(redeem("card-1", "x-1", 15))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    app.assert_lots_invariant().await;
+    app.stop().await;
+}
+
 fn return_lines(
     purchase_id: &str,
     return_id: &str,
