@@ -49,21 +49,20 @@ struct RecordedRow {
     lot_matured: Option<bool>,
     lot_expires_at: Option<DateTime<Utc>>,
     moved_points: Option<i64>,
+    moved_to: Option<DateTime<Utc>>,
 }
 
-impl RecordedRow {
-    /// The account after the purchase; `moved_to` is the expiry the purchase moved open lots
-    /// to ($18 of the statement).
-    fn into_state(self, moved_to: DateTime<Utc>) -> AccountState {
-        let lot = match (self.lot_remaining, self.lot_matured, self.lot_expires_at) {
+impl From<RecordedRow> for AccountState {
+    fn from(row: RecordedRow) -> Self {
+        let lot = match (row.lot_remaining, row.lot_matured, row.lot_expires_at) {
             (Some(points), Some(true), Some(at)) => Some(PointsExpiry { points, at }),
             _ => None,
         };
-        let moved = self.moved_points.map(|points| PointsExpiry {
-            points,
-            at: moved_to,
-        });
-        let mut state = AccountState::from(self.account);
+        let moved = match (row.moved_points, row.moved_to) {
+            (Some(points), Some(at)) => Some(PointsExpiry { points, at }),
+            _ => None,
+        };
+        let mut state = AccountState::from(row.account);
         state.next_expiry = next_expiry_after_purchase(state.next_expiry, lot, moved);
         state
     }
@@ -96,7 +95,6 @@ pub async fn record(
         quantity.push(line.quantity as i32);
         amount.push(line.amount_minor);
     }
-    let moved_to = lot.expires_at.unwrap_or(basket.occurred_at);
     let result = sqlx::query_as::<_, RecordedRow>(sql::RECORD_PURCHASE)
         .bind(merchant.0)
         .bind(customer_id)
@@ -115,7 +113,7 @@ pub async fn record(
         .bind(&earned.line_points)
         .bind(lot.spendable_now)
         .bind(lot.available_at)
-        .bind(moved_to)
+        .bind(lot.expires_at.unwrap_or(basket.occurred_at))
         .bind(lot.expires_at.is_some())
         .bind(lot.extends_open_lots)
         .bind(standing.expected_version)
@@ -133,7 +131,7 @@ pub async fn record(
         .fetch_optional(conn)
         .await;
     match result {
-        Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into_state(moved_to))),
+        Ok(Some(row)) => Ok(RecordOutcome::Recorded(row.into())),
         Ok(None) => Ok(RecordOutcome::NotWritten),
         Err(error) => match violated_unique_constraint(&error).as_deref() {
             // The purchase's only unique key (its entry and lot have none, see the statement).

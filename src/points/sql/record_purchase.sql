@@ -168,9 +168,11 @@ WITH program AS (
 SELECT a.available, a.pending, a.lifetime_earned, a.lifetime_redeemed, a.purchase_count,
        a.version, n.points AS next_expiry_points, n.expires_at AS next_expiry_at, a.standing,
        lot.remaining AS lot_remaining, lot.matured AS lot_matured,
-       lot.expires_at AS lot_expires_at,
-       (SELECT sum(x.remaining) FROM extended x
-         WHERE x.matured AND x.expires_at = $18)::bigint AS moved_points
+       lot.expires_at AS lot_expires_at, m.points AS moved_points, m.expires_at AS moved_to
   FROM account a
   LEFT JOIN lot ON true
   LEFT JOIN LATERAL next_expiry($1, $2) n ON true
+  -- $18 as PostgreSQL keeps it (microseconds), so that it compares equal to the lot's.
+  LEFT JOIN LATERAL (SELECT sum(x.remaining)::bigint AS points, $18::timestamptz AS expires_at
+                       FROM extended x
+                      WHERE x.matured AND x.expires_at = $18) m ON true
