@@ -265,16 +265,19 @@ async fn merchants_never_see_or_change_each_others_data() {
         .unwrap()
         .into_inner();
     let mut b_checkout = app.checkout(&b_pos).await;
+    let b_request = purchase("card-1", "r-1", 100);
     let b_receipt = b_checkout
-        .record_purchase(purchase("card-1", "r-1", 100))
+        .record_purchase(b_request.clone())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(b_receipt.points_earned, 1);
     assert_eq!(b_receipt.balance.unwrap().available, 1);
-    // B replaying A's exact request is B's own retry, not A's purchase.
+    // B replaying A's exact request is B's own retry, not A's purchase (the very same
+    // request: `purchase` stamps the current second, and a retry that crossed into the next
+    // one would be other content).
     let b_replay = b_checkout
-        .record_purchase(purchase("card-1", "r-1", 100))
+        .record_purchase(b_request)
         .await
         .unwrap()
         .into_inner();

@@ -1973,8 +1973,9 @@ async fn a_purchase_answers_with_the_gifts_it_fired_and_a_full_return_revokes_th
     }
     let mut checkout = app.checkout(&pos).await;
     // A brand-new customer's first purchase fires the come-back gift.
+    let request = purchase("card-9", "r-1", 1_000);
     let first = checkout
-        .record_purchase(purchase("card-9", "r-1", 1_000))
+        .record_purchase(request.clone())
         .await
         .unwrap()
         .into_inner();
@@ -1983,9 +1984,10 @@ async fn a_purchase_answers_with_the_gifts_it_fired_and_a_full_return_revokes_th
     assert_eq!(come_back.gift_id, "come-back-coffee");
     assert_eq!(come_back.purchase_id, "r-1");
     assert_eq!(come_back.status, pb::GiftGrantStatus::Issued as i32);
-    // A retry answers the same, gifts included, and grants nothing more.
+    // A retry (the very same request: `purchase` stamps the current second) answers the
+    // same, gifts included, and grants nothing more.
     let again = checkout
-        .record_purchase(purchase("card-9", "r-1", 1_000))
+        .record_purchase(request)
         .await
         .unwrap()
         .into_inner();

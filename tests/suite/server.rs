@@ -214,14 +214,10 @@ async fn metrics_count_rpcs_by_method_and_code() {
     let merchant = app.merchant().await;
     let pos = app.key(&merchant, Scope::Pos).await;
     let mut checkout = app.checkout(&pos).await;
-    checkout
-        .record_purchase(purchase("card-1", "r-1", 1000))
-        .await
-        .unwrap();
-    checkout
-        .record_purchase(purchase("card-1", "r-1", 1000))
-        .await
-        .unwrap();
+    // The retry is the very same request (`purchase` stamps the current second).
+    let request = purchase("card-1", "r-1", 1000);
+    checkout.record_purchase(request.clone()).await.unwrap();
+    checkout.record_purchase(request).await.unwrap();
     checkout
         .record_purchase(purchase("card-1", "r-1", 2000))
         .await
