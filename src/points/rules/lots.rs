@@ -67,9 +67,9 @@ impl LotTerms {
 /// (their expiry was at or before it).
 ///
 /// Computed here rather than by the statement (a union of the lots and the new one, grouped
-/// and sorted) because that part of the statement cost checkout about 6 % of its database
-/// ceiling (BENCHMARKS.md); the statement now reads the soonest expiry the way every account
-/// read does, from the open-lots index in order.
+/// and sorted) because that part of the statement cost about 6 % of checkout's database
+/// ceiling before the standing was added (0-4 % since, BENCHMARKS.md); the statement now reads
+/// the soonest expiry the way every account read does, from the open-lots index in order.
 pub fn next_expiry_after_purchase(
     before: Option<PointsExpiry>,
     lot: Option<PointsExpiry>,

@@ -34,7 +34,8 @@
 -- those (next_expiry(), in index order), the purchase's own lot (lot_*) and, when $20 moved
 -- open lots, the points of the matured ones now expiring at $18 (moved_points). The store
 -- puts them together (points::rules::lots::next_expiry_after_purchase); a union of the lots
--- and the new one, grouped and sorted here, cost checkout about 6 % of its ceiling.
+-- and the new one, grouped and sorted here, cost about 6 % of checkout's database ceiling in
+-- the statement before the standing (0-4 % in today's, BENCHMARKS.md).
 --
 -- Its purchase_recorded event (the outbox, `events`) is one more insert of this statement, with
 -- the account as the purchase left it: written exactly when the purchase is.
