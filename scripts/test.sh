@@ -12,9 +12,12 @@ ensure_postgres
 ensure_redis
 export TEST_DATABASE_URL="$LOYALTY_PG_ADMIN_URL"
 export TEST_REDIS_URL="$REDIS_URL"
+# loyalty-bench's own tests make (and drop) throwaway databases through this one.
+export LOYALTY_BENCH_TEST_DATABASE_URL="$LOYALTY_PG_ADMIN_URL"
 
 # Databases of earlier runs that were interrupted before they could drop their own.
-psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'loyalty\_t\_%'" |
+psql "$TEST_DATABASE_URL" -Atqc "SELECT datname FROM pg_database
+                                 WHERE datname LIKE 'loyalty\_t\_%' OR datname LIKE 'loyalty\_bench\_t\_%'" |
     while read -r name; do
         psql "$TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null 2>&1 || true
     done

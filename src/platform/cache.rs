@@ -277,7 +277,15 @@ impl Cache {
             }
             Ok(Ok((_, fields))) => match cached_state(inner.succeeded(fields)) {
                 Some(state) => {
-                    inner.metrics.cache_op("get", "hit");
+                    // A copy without a standing (written by a writer that had none) does
+                    // not answer a balance read, which then goes to Postgres: counted apart,
+                    // so that a hit ratio counts only the reads the cache answered.
+                    let outcome = if state.standing.is_some() {
+                        "hit"
+                    } else {
+                        "partial"
+                    };
+                    inner.metrics.cache_op("get", outcome);
                     CacheRead::Hit(state)
                 }
                 None => {

@@ -121,7 +121,7 @@ impl Metrics {
         let cache_operations = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_operations",
-            "Redis cache operations by outcome (hit, miss, stored, older, error, skipped)",
+            "Redis cache operations by outcome (hit, partial: a copy without a standing, miss, stored, older, error, skipped)",
             cache_operations.clone(),
         );
         let credential_lookups = Family::<AuthLabels, Counter>::default();

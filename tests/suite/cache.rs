@@ -133,12 +133,30 @@ async fn a_copy_cached_without_a_standing_is_completed_once_then_served() {
         app.cache.get(merchant.id, "card-1").await,
         CacheRead::Miss
     ));
-    // A writer without a standing cannot complete it either (nothing to add).
+    // A writer without a standing cannot complete it either (nothing to add) ...
     app.cache.put(merchant.id, "card-1", &old_copy).await;
+    // ... and one that wrote a version of its own left the field empty: a copy the cache
+    // holds, which a balance read cannot be answered from.
+    for key in &keys {
+        let _: () = redis::cmd("HSET")
+            .arg(key)
+            .arg("st")
+            .arg("")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        app.cache.get(merchant.id, "card-1").await,
+        CacheRead::Hit(AccountState { standing: None, .. })
+    ));
 
     let mut member = app.member(&pos).await;
+    let partial = app.metrics.cache_op_count("get", "partial");
     let first = balance(&mut member, "card-1", 0).await;
     assert!(first.standing.is_some());
+    // That read found a copy without a standing and went to Postgres: not counted as a hit.
+    assert_eq!(app.metrics.cache_op_count("get", "partial"), partial + 1);
     db_proxy.cut().await;
     let hits = app.metrics.cache_op_count("get", "hit");
     for _ in 0..3 {

@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use chrono::Utc;
 use futures::StreamExt;
-use loyalty::AccountState;
 use loyalty::Metrics;
+use loyalty::platform::cache::CustomerKey;
+use loyalty::status::standing::Standing;
 use loyalty::{Cache, CacheConfig, CacheWrite};
 use loyalty::{MerchantId, Store};
 
@@ -18,32 +20,15 @@ const PAGE: i64 = 20_000;
 /// Cache writes in flight while warming (one multiplexed Redis connection).
 const IN_FLIGHT: usize = 256;
 
-#[derive(sqlx::FromRow)]
-struct Cached {
-    id: i64,
-    external_id: String,
-    available: i64,
-    pending: i64,
-    lifetime_earned: i64,
-    lifetime_redeemed: i64,
-    purchase_count: i64,
-    version: i64,
-}
-
 pub struct Warmed {
     pub stored: u64,
     pub failed: u64,
     pub took: Duration,
 }
 
-/// Puts every customer's committed state of `merchant` into the cache under `prefix`.
-pub async fn warm(
-    store: &Store,
-    redis_url: &str,
-    prefix: &str,
-    merchant: MerchantId,
-) -> Result<Warmed> {
-    let cache = Cache::new(
+/// The library's cache as the bench's servers configure it, under `prefix`.
+pub fn bench_cache(redis_url: &str, prefix: &str) -> Result<Cache> {
+    Cache::new(
         CacheConfig {
             url: Some(redis_url.to_string()),
             ca_cert_pem: None,
@@ -55,49 +40,72 @@ pub async fn warm(
         },
         Metrics::new(),
     )
-    .context("cannot set up the Redis cache")?;
+    .context("cannot set up the Redis cache")
+}
+
+/// Puts every customer's committed state of `merchant` into the cache under `prefix`, as a
+/// server's read would cache it.
+pub async fn warm(
+    store: &Store,
+    redis_url: &str,
+    prefix: &str,
+    merchant: MerchantId,
+) -> Result<Warmed> {
+    let cache = bench_cache(redis_url, prefix)?;
     // The cache checks which Redis server it reaches once, and skips (rather than waits)
     // while it does: check before the concurrent writes.
     if !cache.is_reachable().await {
         anyhow::bail!("the Redis at {redis_url} does not answer");
     }
     let started = Instant::now();
+    let mut conn = store
+        .pool()
+        .acquire()
+        .await
+        .context("no database connection")?;
+    // The state a server would cache: the one query the cache repair reads accounts with
+    // (next expiry and standing included), and the standing a read computes for a customer
+    // never assessed. A copy without a standing would send each customer's first read to
+    // Postgres (the server counts it as "partial") and make `balance` measure those.
+    let program = loyalty::programs::store::load(&mut conn, merchant)
+        .await
+        .context("reading the bench program")?
+        .context("the bench merchant has no program")?;
     let (mut stored, mut failed) = (0u64, 0u64);
     let mut after: i64 = 0;
     loop {
-        let page: Vec<Cached> = sqlx::query_as(
-            "SELECT c.id, c.external_id, a.available, a.pending, a.lifetime_earned,
-                    a.lifetime_redeemed, a.purchase_count, a.version
-               FROM customers c
-               JOIN accounts a ON a.merchant_id = c.merchant_id AND a.customer_id = c.id
-              WHERE c.merchant_id = $1 AND c.id > $2
-              ORDER BY c.id
+        let page: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT id, external_id FROM customers
+              WHERE merchant_id = $1 AND id > $2
+              ORDER BY id
               LIMIT $3",
         )
         .bind(merchant.0)
         .bind(after)
         .bind(PAGE)
-        .fetch_all(store.pool())
+        .fetch_all(&mut *conn)
         .await
-        .context("reading accounts to warm the cache")?;
-        let Some(last) = page.last() else { break };
-        after = last.id;
-        let outcomes: Vec<CacheWrite> = futures::stream::iter(page)
-            .map(|row| {
+        .context("reading customers to warm the cache")?;
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        let keys: Vec<CustomerKey> = page
+            .into_iter()
+            .map(|(_, external_id)| CustomerKey {
+                merchant,
+                external_id,
+            })
+            .collect();
+        let accounts = loyalty::platform::account::load_many(&mut conn, &keys)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading accounts to warm the cache: {e}"))?;
+        let now = Utc::now();
+        let outcomes: Vec<CacheWrite> = futures::stream::iter(accounts)
+            .map(|(key, mut state)| {
                 let cache = cache.clone();
-                async move {
-                    let state = AccountState {
-                        available: row.available,
-                        pending: row.pending,
-                        lifetime_earned: row.lifetime_earned,
-                        lifetime_redeemed: row.lifetime_redeemed,
-                        purchase_count: row.purchase_count,
-                        version: row.version,
-                        next_expiry: None,
-                        standing: None,
-                    };
-                    cache.put(merchant, &row.external_id, &state).await
+                if state.standing.is_none() {
+                    state.standing = Some(Box::new(Standing::initial(&program.rules, now)));
                 }
+                async move { cache.put(merchant, &key.external_id, &state).await }
             })
             .buffer_unordered(IN_FLIGHT)
             .collect()

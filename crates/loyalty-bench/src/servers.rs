@@ -296,7 +296,8 @@ fn parse_cache_reads(text: &str) -> CacheReads {
         for label in labels.split(',') {
             match label {
                 "outcome=\"hit\"" => reads.hit += value,
-                "outcome=\"miss\"" => reads.miss += value,
+                // A copy without a standing: the server read Postgres.
+                "outcome=\"miss\"" | "outcome=\"partial\"" => reads.miss += value,
                 "outcome=\"skipped\"" | "outcome=\"error\"" => reads.skipped += value,
                 _ => {}
             }
@@ -349,7 +350,8 @@ mod tests {
     fn cache_reads_are_counted_by_outcome() {
         let text = "# TYPE loyalty_cache_operations counter\n\
                     loyalty_cache_operations_total{op=\"get\",outcome=\"hit\"} 90\n\
-                    loyalty_cache_operations_total{op=\"get\",outcome=\"miss\"} 6\n\
+                    loyalty_cache_operations_total{op=\"get\",outcome=\"miss\"} 4\n\
+                    loyalty_cache_operations_total{op=\"get\",outcome=\"partial\"} 2\n\
                     loyalty_cache_operations_total{op=\"get\",outcome=\"skipped\"} 4\n\
                     loyalty_cache_operations_total{op=\"put\",outcome=\"stored\"} 6\n";
         let now = parse_cache_reads(text);

@@ -667,6 +667,49 @@ mod tests {
         drop_database(store, options, &name).await;
     }
 
+    /// `balance` measures cached reads only if the warmed copies are what a server caches:
+    /// every customer's committed state with a standing (a never-assessed customer's initial
+    /// one). A copy without one sends that customer's first read to Postgres.
+    #[tokio::test]
+    async fn the_warmed_cache_answers_every_customers_read_as_a_server_would() {
+        let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
+            eprintln!("skipped: TEST_REDIS_URL is not set");
+            return;
+        };
+        let Some((store, options, name)) = throwaway("warm").await else {
+            return;
+        };
+        let merchant = bench_merchant(&store, 30, 30).await.unwrap();
+        let prefix = format!("loyalty-bench-t-{}", std::process::id());
+        let warmed = crate::cache::warm(&store, &redis_url, &prefix, merchant.id)
+            .await
+            .unwrap();
+        assert_eq!((warmed.stored, warmed.failed), (30, 0));
+        let accounts: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT c.external_id, a.version, a.available
+               FROM customers c JOIN accounts a
+                 ON a.merchant_id = c.merchant_id AND a.customer_id = c.id
+              WHERE c.merchant_id = $1",
+        )
+        .bind(merchant.id.0)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(accounts.len(), 30);
+        let cache = crate::cache::bench_cache(&redis_url, &prefix).unwrap();
+        for (external_id, version, available) in accounts {
+            match cache.get(merchant.id, &external_id).await {
+                loyalty::CacheRead::Hit(state) => {
+                    assert_eq!((state.version, state.available), (version, available));
+                    assert!(state.standing.is_some(), "{external_id} has no standing");
+                }
+                other => panic!("{external_id}: {other:?}"),
+            }
+        }
+        crate::cache::clean(&redis_url, &prefix).await.unwrap();
+        drop_database(store, options, &name).await;
+    }
+
     /// The vacuum before a measurement names only tables the migrations make, and vacuums
     /// each of them.
     #[tokio::test]
